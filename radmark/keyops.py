@@ -1,0 +1,101 @@
+"""Key and keystore operations behind ``radmark keygen`` and ``radmark keys``.
+
+Each returns a small dataclass for the CLI to render; none prints.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .canonical import address, canonical_json
+from .errors import InputError
+from .fsutil import atomic_write_bytes
+from .keys import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey
+from .keystore import (
+    MARK_RECORD_TYPE,
+    SCRYPT_N,
+    Entry,
+    Keystore,
+    PassphraseFn,
+    keyfile_bytes,
+    load_keyfile,
+    seal_secret,
+)
+
+
+@dataclass(frozen=True)
+class KeygenResult:
+    fingerprint: str  # sha256:<hex>
+    path: Path  # the secret file in the keystore
+    keystore: Path
+    encrypted: bool
+    key_file: Path | None
+
+
+def generate_key(
+    keystore: Path,
+    *,
+    passphrase: str | None,
+    out_file: Path | None = None,
+    scrypt_n: int = SCRYPT_N,
+) -> KeygenResult:
+    """Make a fresh secret, sign its public record, store both; optionally a portable key file."""
+    if out_file is not None and os.path.lexists(out_file):
+        raise InputError(f"{out_file} exists; refusing to overwrite a key file")
+    store = Keystore.open(keystore, create=True)
+    key = SecretKey.generate()
+    record = key.public_record()
+    path = store.add_key(key, record, passphrase, scrypt_n=scrypt_n)
+    if out_file is not None:
+        doc = seal_secret(key, record.fingerprint, passphrase, scrypt_n=scrypt_n)
+        atomic_write_bytes(out_file, keyfile_bytes(record, doc), 0o600)
+    return KeygenResult(
+        address(record.fingerprint), path, Path(keystore), bool(passphrase), out_file
+    )
+
+
+def list_entries(keystore: Path) -> list[Entry]:
+    return Keystore.open(keystore).entries()
+
+
+@dataclass(frozen=True)
+class ShownObject:
+    kind: str
+    address: str
+    record: dict[str, Any]
+    has_secret: bool
+
+
+def show_object(keystore: Path, ref: str) -> ShownObject:
+    store = Keystore.open(keystore)
+    hexd = store.resolve(ref)
+    obj = store.objects[hexd]
+    kind = {KEY_RECORD_TYPE: "key", MARK_RECORD_TYPE: "mark"}.get(
+        obj.get("type"), str(obj.get("type"))
+    )
+    return ShownObject(kind, address(hexd), obj, hexd in store.secrets)
+
+
+def export_public(keystore: Path, ref: str) -> bytes:
+    store = Keystore.open(keystore)
+    return canonical_json(store.objects[store.resolve(ref)])
+
+
+def is_key_file(ref: str) -> bool:
+    p = Path(ref)
+    return p.suffix in (".key", ".json") or (
+        os.path.lexists(p) and stat.S_ISREG(os.lstat(p).st_mode)
+    )
+
+
+def load_secret_key(
+    keystore: Path, ref: str, passphrase: PassphraseFn
+) -> tuple[SecretKey, PublicKeyRecord]:
+    """``--key`` resolution: an owner key file path, or a fingerprint (prefix) in the keystore."""
+    if is_key_file(ref):
+        return load_keyfile(Path(ref), passphrase)
+    return Keystore.open(keystore).secret(ref, passphrase)

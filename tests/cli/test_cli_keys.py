@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from radmark.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, list(args), env={"COLUMNS": "200", **(env or {})})
+
+
+def _keygen(ks: Path, *extra: str, env=None) -> dict:
+    res = run("keygen", "--keystore", str(ks), "--json", *extra, env=env)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_keygen_json_fields_and_exit_code(tmp_path: Path) -> None:
+    out = _keygen(tmp_path / "ks", "--no-passphrase")
+    assert out["schema_version"] == 1
+    assert out["fingerprint"].startswith("sha256:") and len(out["fingerprint"]) == 71
+    assert Path(out["path"]).exists()
+    assert os.stat(out["path"]).st_mode & 0o777 == 0o600
+
+
+def test_keygen_with_env_passphrase_and_key_file(tmp_path: Path) -> None:
+    out = _keygen(
+        tmp_path / "ks",
+        "--passphrase",
+        "--out",
+        str(tmp_path / "owner.key"),
+        env={"RADMARK_PASSPHRASE": "s3cret"},
+    )
+    assert out["encrypted"] is True
+    assert (tmp_path / "owner.key").stat().st_mode & 0o777 == 0o600
+    res = run("keygen", "--keystore", str(tmp_path / "ks"), "--passphrase")
+    assert res.exit_code == 2 and "RADMARK_PASSPHRASE" in res.stderr
+
+
+def test_keys_list_show_export(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    fp = _keygen(ks, "--no-passphrase")["fingerprint"]
+    res = run("keys", "list", "--keystore", str(ks), "--json")
+    assert res.exit_code == 0, res.output
+    entries = json.loads(res.stdout)["entries"]
+    assert [e["address"] for e in entries] == [fp] and entries[0]["kind"] == "key"
+    res = run("keys", "show", fp[:15], "--keystore", str(ks), "--json")
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.stdout)
+    assert shown["address"] == fp and shown["has_secret"] is True
+    assert shown["record"]["type"] == "radmark.key"
+    res = run("keys", "show", fp, "--keystore", str(ks))
+    assert res.exit_code == 0 and fp in res.stdout
+    res = run("keys", "export-public", fp[7:20], "--keystore", str(ks))
+    assert res.exit_code == 0, res.output
+    exported = json.loads(res.stdout)
+    assert exported["public_key"] == shown["record"]["public_key"]
+    secret_file = Path(
+        json.loads(
+            run("keygen", "--keystore", str(tmp_path / "k2"), "--json", "--no-passphrase").stdout
+        )["path"]
+    )
+    assert "secret" not in exported and secret_file.name not in res.stdout
+
+
+def test_flipped_byte_exit_2_one_line(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    fp = _keygen(ks, "--no-passphrase")["fingerprint"]
+    for f in sorted(p for p in ks.rglob("*") if p.is_file()):
+        original = f.read_bytes()
+        data = bytearray(original)
+        data[len(data) // 3] ^= 0x20
+        f.write_bytes(bytes(data))
+        res = run("keys", "show", fp, "--keystore", str(ks))
+        assert res.exit_code == 2, (f, res.output)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("radmark: error:"), res.stderr
+        assert "Traceback" not in res.output
+        f.write_bytes(original)
+    assert run("keys", "show", fp, "--keystore", str(ks)).exit_code == 0
+
+
+def test_unknown_and_ambiguous_refs_exit_2(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    _keygen(ks, "--no-passphrase")
+    res = run("keys", "show", "ffffffffff", "--keystore", str(ks))
+    assert res.exit_code == 2 and "no object matching" in res.stderr
+    res = run("keys", "show", "xyz", "--keystore", str(ks))
+    assert res.exit_code == 2
+    res = run("keys", "list", "--keystore", str(tmp_path / "missing"))
+    assert res.exit_code == 2 and "no keystore" in res.stderr
+
+
+def test_keystore_from_environment(tmp_path: Path) -> None:
+    ks = tmp_path / "envks"
+    res = run("keygen", "--no-passphrase", "--json", env={"RADMARK_KEYSTORE": str(ks)})
+    assert res.exit_code == 0, res.output
+    assert (ks / "objects").is_dir()
+
+
+def test_version_and_help() -> None:
+    assert run("--version").exit_code == 0
+    res = run("--help")
+    assert res.exit_code == 0 and "keygen" in res.stdout

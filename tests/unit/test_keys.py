@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from radmark.canonical import address, canonical_json
+from radmark.errors import IntegrityError, KeystoreError, RadmarkError
+from radmark.keyops import generate_key, load_secret_key
+from radmark.keys import PublicKeyRecord, SecretKey
+from radmark.keystore import Keystore, load_keyfile
+
+VECTORS = json.loads((Path(__file__).parents[2] / "keys" / "test-vectors.json").read_text())
+FAST_N = 2**10  # scrypt cost for tests; production uses 2**15
+
+
+def test_pinned_public_record_and_fingerprint() -> None:
+    key = SecretKey(bytes.fromhex(VECTORS["secret_hex"]))
+    rec = key.public_record(created=VECTORS["created"])
+    assert rec.signed == VECTORS["public_record"]
+    assert address(rec.fingerprint) == VECTORS["fingerprint"]
+    assert PublicKeyRecord.from_signed(VECTORS["public_record"]).fingerprint == rec.fingerprint
+
+
+def test_secret_never_in_repr() -> None:
+    key = SecretKey.generate()
+    assert key.secret_bytes().hex() not in repr(key) and "redacted" in repr(key)
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(key)
+
+
+def test_record_tampering_and_foreign_signatures_refused() -> None:
+    a, b = SecretKey.generate(), SecretKey.generate()
+    ra, rb = a.public_record(), b.public_record()
+    tampered = {**ra.signed, "created": "1999-01-01T00:00:00Z"}
+    with pytest.raises(IntegrityError):
+        PublicKeyRecord.from_signed(tampered)
+    swapped = {**ra.signed, "signature": rb.signed["signature"]}
+    with pytest.raises(IntegrityError):
+        PublicKeyRecord.from_signed(swapped)
+    other_key = {**ra.signed, "public_key": rb.signed["public_key"]}
+    with pytest.raises(IntegrityError):
+        PublicKeyRecord.from_signed(other_key)
+
+
+def test_round_trip_plain_and_encrypted(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    plain = generate_key(ks, passphrase=None, scrypt_n=FAST_N)
+    enc = generate_key(ks, passphrase="correct horse", scrypt_n=FAST_N)
+    store = Keystore.open(ks)
+    k1, r1 = store.secret(plain.fingerprint, lambda: None)
+    assert address(r1.fingerprint) == plain.fingerprint
+    k2, r2 = store.secret(enc.fingerprint[:14], lambda: "correct horse")
+    assert k2.matches(r2)
+    with pytest.raises(KeystoreError, match="wrong passphrase"):
+        store.secret(enc.fingerprint, lambda: "wrong")
+    with pytest.raises(KeystoreError, match="passphrase-protected"):
+        store.secret(enc.fingerprint, lambda: None)
+    # the encrypted file holds no plaintext secret
+    assert k2.secret_bytes() not in enc.path.read_bytes()
+    assert b'"secret":' not in enc.path.read_bytes()
+
+
+def test_secret_files_are_created_0600(tmp_path: Path) -> None:
+    old = os.umask(0o000)  # even a permissive umask must not widen them
+    try:
+        res = generate_key(
+            tmp_path / "ks", passphrase=None, out_file=tmp_path / "owner.key", scrypt_n=FAST_N
+        )
+    finally:
+        os.umask(old)
+    assert res.path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "owner.key").stat().st_mode & 0o777 == 0o600
+    key, rec = load_keyfile(tmp_path / "owner.key", lambda: None)
+    assert address(rec.fingerprint) == res.fingerprint
+
+
+def test_world_readable_secret_refused(tmp_path: Path) -> None:
+    res = generate_key(tmp_path / "ks", passphrase=None, scrypt_n=FAST_N)
+    res.path.chmod(0o644)
+    with pytest.raises(KeystoreError, match="too open"):
+        Keystore.open(tmp_path / "ks")
+
+
+def _all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_any_flipped_byte_is_refused(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    generate_key(ks, passphrase="pw", scrypt_n=FAST_N)
+    generate_key(ks, passphrase=None, scrypt_n=FAST_N)
+    files = _all_files(ks)
+    assert len(files) == 4
+    for f in files:
+        original = f.read_bytes()
+        for pos in (0, len(original) // 2, len(original) - 1):
+            data = bytearray(original)
+            data[pos] ^= 0x01
+            f.write_bytes(bytes(data))
+            with pytest.raises(RadmarkError):
+                Keystore.open(ks)
+        f.write_bytes(original)
+    Keystore.open(ks)  # restored: fine again
+
+
+def test_symlinked_keystore_refused(tmp_path: Path) -> None:
+    generate_key(tmp_path / "real", passphrase=None, scrypt_n=FAST_N)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(KeystoreError, match="symbolic link"):
+        Keystore.open(tmp_path / "link")
+
+
+def test_prefixes_and_key_files(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    res = generate_key(ks, passphrase=None, out_file=tmp_path / "o.key", scrypt_n=FAST_N)
+    hexd = res.fingerprint.removeprefix("sha256:")
+    for ref in (res.fingerprint, hexd, hexd[:8], "SHA256:" + hexd[:10]):
+        _, rec = load_secret_key(ks, ref, lambda: None)
+        assert rec.fingerprint == hexd
+    _, rec = load_secret_key(ks, str(tmp_path / "o.key"), lambda: None)
+    assert rec.fingerprint == hexd
+    with pytest.raises(RadmarkError):
+        load_secret_key(ks, "zz", lambda: None)
+    with pytest.raises(KeystoreError, match="no key"):
+        load_secret_key(ks, "0000000", lambda: None)
+    # a truncated key file
+    data = (tmp_path / "o.key").read_bytes()
+    (tmp_path / "t.key").write_bytes(data[: len(data) // 2])
+    (tmp_path / "t.key").chmod(0o600)
+    with pytest.raises(IntegrityError):
+        load_keyfile(tmp_path / "t.key", lambda: None)
+
+
+def test_objects_are_canonical_and_content_addressed(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    res = generate_key(ks, passphrase=None, scrypt_n=FAST_N)
+    hexd = res.fingerprint.removeprefix("sha256:")
+    obj = ks / "objects" / hexd[:2] / f"{hexd}.json"
+    # same JSON, non-canonical whitespace: the hash no longer matches, refused
+    pretty = json.dumps(json.loads(obj.read_bytes()), indent=1).encode()
+    assert pretty != canonical_json(json.loads(obj.read_bytes()))
+    obj.write_bytes(pretty)
+    with pytest.raises(IntegrityError):
+        Keystore.open(ks)

@@ -61,6 +61,8 @@ app = _typer(
 )
 keys_app = _typer("List, show and export keys and mark records in the keystore.")
 app.add_typer(keys_app, name="keys")
+marker_app = _typer("Marking networks: train one on your own shards.")
+app.add_typer(marker_app, name="marker")
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -236,6 +238,246 @@ def keys_export_public(
         err.print(f"wrote {out_file}")
     else:
         sys.stdout.write(data.decode("utf-8") + "\n")
+
+
+def _passphrase_fn() -> Callable[[], str | None]:
+    return lambda: passphrase_from_env_or_prompt(confirm=False)
+
+
+@_command(app)
+def mark(
+    shards: Annotated[
+        list[str],
+        typer.Argument(
+            help="Shard files, directories, brace patterns (data-{000000..000009}.tar) or pipe: URLs."
+        ),
+    ],
+    key: Annotated[
+        str,
+        typer.Option(
+            "--key", help="Owner key file, or a key fingerprint (prefix) in the keystore."
+        ),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Output directory: one output shard per input shard, same names."
+        ),
+    ],
+    fraction: Annotated[
+        float, typer.Option("--fraction", "-q", help="Fraction of samples to mark, in (0, 1].")
+    ] = 0.1,
+    marker: Annotated[
+        str, typer.Option("--marker", help="Marking network: FILE.safetensors or torchvision:NAME.")
+    ] = "torchvision:resnet18",
+    marker_arch: Annotated[
+        str | None,
+        typer.Option("--marker-arch", help="Architecture of a marker file without metadata."),
+    ] = None,
+    preset: Annotated[
+        str,
+        typer.Option("--preset", help="Marking parameters: 'default' (PSNR >= 42 dB) or 'paper'."),
+    ] = "default",
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Override the preset's optimisation steps.")
+    ] = None,
+    radius: Annotated[
+        float | None,
+        typer.Option("--radius", help="Override the preset's L-infinity radius, in pixel levels."),
+    ] = None,
+    num_classes: Annotated[
+        int | None,
+        typer.Option("--num-classes", help="Classes in the dataset (default: the marker's)."),
+    ] = None,
+    label_field: Annotated[
+        str, typer.Option("--label-field", help="Member holding the integer label.")
+    ] = "cls",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images marked together.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run into the same --out.")
+    ] = False,
+    on_error: Annotated[
+        str,
+        typer.Option(
+            "--on-error",
+            help="fail: stop at the first bad sample; skip: copy it unmarked and count it.",
+        ),
+    ] = "fail",
+    keystore: KeystoreOpt = Path("keys"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Mark a fraction of the images in WebDataset shards, shard by shard, and record the mark."""
+    from .keyops import load_secret_key
+    from .mark import MarkOptions, mark_shards
+
+    overrides: dict[str, Any] = {}
+    if steps is not None:
+        overrides["steps"] = steps
+    if radius is not None:
+        overrides["radius"] = radius
+    secret, record = load_secret_key(keystore, key, _passphrase_fn())
+    options = MarkOptions(
+        fraction=fraction,
+        preset=preset,
+        overrides=overrides,
+        num_classes=num_classes,
+        label_field=label_field,
+        batch_size=batch_size,
+        device=device,
+        resume=resume,
+        on_error=on_error,
+    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]marking"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=json_out,
+        disable=json_out,
+    ) as bar:
+        task = bar.add_task("shards", total=None, info="")
+        t0 = __import__("time").perf_counter()
+
+        def on_progress(p: Any) -> None:
+            rate = p.images_done / max(__import__("time").perf_counter() - t0, 1e-9)
+            psnr = f"{p.psnr_mean:.1f} dB" if p.psnr_mean is not None else "-"
+            bar.update(
+                task,
+                total=p.shards_total,
+                completed=p.shards_done,
+                info=f"{p.images_done} images, {p.marked_done} marked, {rate:.1f} img/s, PSNR {psnr}",
+            )
+
+        result = mark_shards(
+            shards,
+            key=secret,
+            key_record=record,
+            keystore=keystore,
+            out_dir=out_dir,
+            marker_spec=marker,
+            marker_arch=marker_arch,
+            options=options,
+            progress=on_progress,
+        )
+    if json_out:
+        _emit_json(
+            {
+                "fingerprint": result.fingerprint,
+                "record": result.record,
+                "shards": len(result.shards),
+                "images": result.images,
+                "marked": result.marked,
+                "skipped": result.skipped,
+                "psnr_mean": result.psnr_mean,
+                "psnr_min": result.psnr_min,
+                "linf_max": result.linf_max,
+                "images_per_s": result.images_per_s,
+                "seconds": result.seconds,
+                "marker": result.marker,
+                "preset": result.preset,
+                "out": str(result.out_dir),
+                "shard_reports": [
+                    {
+                        "name": r.name,
+                        "samples": r.samples,
+                        "marked": r.marked,
+                        "skipped": r.skipped,
+                        "output_sha256": r.output_sha256,
+                        "resumed": r.resumed,
+                    }
+                    for r in result.shards
+                ],
+            }
+        )
+        return
+    table = Table(title=f"marked with key {result.fingerprint}")
+    for col in ("shard", "samples", "marked", "skipped", "PSNR mean", "PSNR min", "L∞ max", ""):
+        table.add_column(col)
+    for r in result.shards:
+        table.add_row(
+            r.name,
+            str(r.samples),
+            str(r.marked),
+            str(r.skipped),
+            f"{r.psnr_mean:.2f}" if r.psnr_mean is not None else "-",
+            f"{r.psnr_min:.2f}" if r.psnr_min is not None else "-",
+            str(r.linf_max),
+            "resumed" if r.resumed else "",
+        )
+    err.print(table)
+    err.print(
+        f"{result.marked}/{result.images} images marked ({result.skipped} skipped), "
+        f"{result.images_per_s:.1f} images/s, marker {result.marker}"
+    )
+    err.print(f"mark record: {result.record}")
+    typer.echo(result.record)
+
+
+@_command(marker_app, "train")
+def marker_train(
+    shards: Annotated[
+        list[str], typer.Argument(help="Training shards (clean images with labels).")
+    ],
+    out_file: Annotated[
+        Path, typer.Option("--out", help="Where to write the marker (.safetensors).")
+    ],
+    arch: Annotated[
+        str, typer.Option("--arch", help="Architecture, e.g. resnet18 or smallcnn.")
+    ] = "resnet18",
+    epochs: Annotated[int, typer.Option("--epochs")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 128,
+    lr: Annotated[float, typer.Option("--lr")] = 0.05,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Use only the first N images.")
+    ] = None,
+    num_classes: Annotated[int | None, typer.Option("--num-classes")] = None,
+    label_field: Annotated[str, typer.Option("--label-field")] = "cls",
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a marking network on your own shards (small-image stem for small images)."""
+    from .marker import train_marker
+
+    def on_epoch(epoch: int, acc: float) -> None:
+        if not json_out:
+            err.print(f"epoch {epoch}/{epochs}: train accuracy {acc:.3f}")
+
+    res = train_marker(
+        shards,
+        out_file,
+        arch=arch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        label_field=label_field,
+        num_classes=num_classes,
+        limit=limit,
+        progress=on_epoch,
+    )
+    if json_out:
+        _emit_json(
+            {
+                "path": str(res.path),
+                "sha256": res.sha256,
+                "arch": res.arch,
+                "num_classes": res.num_classes,
+                "images": res.images,
+                "epochs": res.epochs,
+                "train_accuracy": res.train_accuracy,
+                "seconds": res.seconds,
+            }
+        )
+        return
+    err.print(f"marker {res.arch} ({res.num_classes} classes, {res.images} images) -> {res.path}")
+    typer.echo(f"sha256:{res.sha256}")
 
 
 def main() -> None:

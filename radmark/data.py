@@ -1,0 +1,70 @@
+"""Labelled image tensors from WebDataset shards, for the jobs that need a whole split in memory
+(training a marker, the clean probe set of verification, the benchmark's suspects).
+
+Marking itself streams shard by shard (mark.py); this module is for the small splits
+(probe sets of a few thousand images, Fashion-MNIST-sized training sets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError, ShardError
+from .shards import decode_image, expand_shards, iter_samples, parse_label
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    images: np.ndarray  # uint8 [N, C, H, W]
+    labels: np.ndarray  # int64 [N]
+    keys: list[str]  # "shard-name/__key__" for each image
+    num_classes_seen: int  # 1 + max label
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_labelled_images(
+    specs: Sequence[str],
+    *,
+    label_field: str = "cls",
+    num_classes: int | None = None,
+    limit: int | None = None,
+) -> LabelledImages:
+    """Decode every image of ``specs`` (all of one size and channel count) with its label."""
+    imgs: list[np.ndarray] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    shape: tuple[int, ...] | None = None
+    for url in expand_shards(specs):
+        for sample in iter_samples(url):
+            ext = sample.image_ext()
+            if ext is None:
+                raise ShardError(url, "sample has no image member", sample=sample.key)
+            img = decode_image(sample.get(ext) or b"", shard=url, key=sample.key)
+            if shape is None:
+                shape = img.shape
+            elif img.shape != shape:
+                raise ShardError(
+                    url,
+                    f"image is {img.shape[1]}x{img.shape[0]}x{img.shape[2]} but earlier ones are "
+                    f"{shape[1]}x{shape[0]}x{shape[2]}; this command needs images of one size",
+                    sample=sample.key,
+                )
+            imgs.append(img)
+            labels.append(
+                parse_label(sample, shard=url, field=label_field, num_classes=num_classes)
+            )
+            keys.append(f"{url}/{sample.key}")
+            if limit is not None and len(imgs) >= limit:
+                break
+        if limit is not None and len(imgs) >= limit:
+            break
+    if not imgs:
+        raise InputError("no images found in " + ", ".join(specs))
+    arr = np.stack(imgs).transpose(0, 3, 1, 2).copy()
+    lab = np.asarray(labels, dtype=np.int64)
+    return LabelledImages(arr, lab, keys, int(lab.max()) + 1)

@@ -1,0 +1,170 @@
+"""The marking network: loading one with its identity, and training one on the user's shards.
+
+A marker's identity is its name plus the SHA-256 of its weights; carriers are derived for that
+identity, so a mark can only be verified against the very network that made it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import load_labelled_images
+from .errors import UsageError
+
+
+def marker_identity(name: str, sha256: str) -> str:
+    """The string carriers are bound to: ``<name>@sha256:<hex>``."""
+    return f"{name}@sha256:{sha256}"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    path: Path
+    sha256: str
+    arch: str
+    num_classes: int
+    images: int
+    epochs: int
+    train_accuracy: float
+    seconds: float
+
+
+def train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    arch: str,
+    num_classes: int,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    device: str = "cpu",
+    small_stem: bool | None = None,
+    augment: bool = True,
+    progress: Callable[[int, float], None] | None = None,
+):  # -> (nn.Module, mean, std, train_accuracy)
+    """Train ``arch`` from scratch on uint8 [N, C, H, W] images: SGD + momentum, cosine schedule,
+    random crop (pad 4) and flip. Used by ``radmark marker train`` and by the benchmark."""
+    import torch
+    import torch.nn.functional as F
+
+    from .models import build_model
+
+    if epochs < 1:
+        raise UsageError("epochs must be >= 1")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = images.shape
+    if small_stem is None:
+        small_stem = arch.startswith("resnet") and max(h, w) <= 64
+    model = build_model(arch, num_classes, small_stem=small_stem, in_chans=c).to(device)
+    x_all = torch.from_numpy(images).float().div_(255.0)
+    mean = x_all.mean(dim=(0, 2, 3))
+    std = x_all.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    y_all = torch.from_numpy(labels)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+    )
+    steps_per_epoch = math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+    m_dev, s_dev = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
+    correct = total = 0
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        correct = total = 0
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            x = x_all[idx].to(device)
+            y = y_all[idx].to(device)
+            if augment:
+                x = _crop_flip(x, gen)
+            logits = model((x - m_dev) / s_dev)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += int((logits.argmax(1) == y).sum())
+            total += int(y.numel())
+        if progress is not None:
+            progress(epoch + 1, correct / max(total, 1))
+    model.eval()
+    return model, tuple(mean.tolist()), tuple(std.tolist()), correct / max(total, 1), small_stem
+
+
+def _crop_flip(x, gen, pad: int = 4):
+    """Random translation by up to ``pad`` pixels (reflect padding) and horizontal flip, per image."""
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).to(x.device)
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(x.device)
+    out = xp[
+        torch.arange(b, device=x.device).view(b, 1, 1), :, rows.view(b, h, 1), cols.view(b, 1, w)
+    ]
+    out = out.permute(0, 3, 1, 2)
+    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+    return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+
+
+def train_marker(
+    specs: Sequence[str],
+    out: Path,
+    *,
+    arch: str = "resnet18",
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    device: str = "cpu",
+    label_field: str = "cls",
+    num_classes: int | None = None,
+    limit: int | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train a marking network on the user's own shards and save it as safetensors."""
+    from .models import save_model
+
+    t0 = time.perf_counter()
+    data = load_labelled_images(
+        specs, label_field=label_field, num_classes=num_classes, limit=limit
+    )
+    k = num_classes or data.num_classes_seen
+    model, mean, std, acc, small_stem = train_classifier(
+        data.images,
+        data.labels,
+        arch=arch,
+        num_classes=k,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
+    sha = save_model(
+        model.cpu(),
+        out,
+        arch=arch,
+        num_classes=k,
+        small_stem=small_stem,
+        mean=mean,
+        std=std,
+        extra={"radmark.trained_by": "radmark marker train"},
+    )
+    return TrainResult(Path(out), sha, arch, k, len(data), epochs, acc, time.perf_counter() - t0)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -478,6 +479,147 @@ def marker_train(
         return
     err.print(f"marker {res.arch} ({res.num_classes} classes, {res.images} images) -> {res.path}")
     typer.echo(f"sha256:{res.sha256}")
+
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _spark(values: list[float]) -> str:
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(_SPARK[min(7, int((v - lo) / span * 8))] for v in values)
+
+
+def _render_verify(res: Any) -> None:
+    from rich.panel import Panel
+
+    verdict = (
+        "[bold red]MARK DETECTED[/bold red]"
+        if res.detected
+        else "[bold green]no mark detected[/bold green]"
+    )
+    head = Table.grid(padding=(0, 2))
+    head.add_row("model", f"{res.model} ({res.arch})")
+    head.add_row("model sha256", res.model_sha256)
+    head.add_row("probe images", str(res.probe_size))
+    head.add_row(
+        "alpha", f"{res.alpha:g}" + (" (Holm-corrected over keys)" if res.correction else "")
+    )
+    head.add_row("verdict", verdict)
+    out.print(Panel(head, title="radmark verify", expand=False))
+    for r in res.results:
+        t = Table(title=f"key {r.fingerprint}", title_justify="left")
+        t.add_column("test")
+        t.add_column("log10 p", justify="right")
+        t.add_column("exact")
+        t.add_column("what")
+        for name, tr in r.tests.items():
+            t.add_row(name, f"{tr.log10_p:.2f}", "yes" if tr.exact else "approx.", tr.description)
+        t.add_row("[bold]combined (verdict)[/bold]", f"[bold]{r.log10_p:.2f}[/bold]", "yes", "")
+        if res.correction:
+            t.add_row(
+                "after Holm", f"{r.log10_p_adjusted:.2f}", "yes", f"{len(res.results)} keys tested"
+            )
+        out.print(t)
+        info = Table.grid(padding=(0, 2))
+        info.add_row("mark record", r.record)
+        info.add_row("marker", r.marker)
+        info.add_row("classes / dim", f"{r.num_classes} / {r.dim}")
+        info.add_row(
+            "alignment", f"R² = {r.alignment_r2:.3f}, relative residual {r.alignment_residual:.3f}"
+        )
+        cos = r.cosines
+        info.add_row(
+            "cosines",
+            f"{_spark(cos)}  mean {np.mean(cos):+.4f}, max {max(cos):+.4f} (null sd {1 / np.sqrt(r.dim):.4f})",
+        )
+        if r.num_classes <= 20:
+            info.add_row("per class", " ".join(f"{c:+.3f}" for c in cos))
+            info.add_row("log10 p", " ".join(f"{p:.1f}" for p in r.class_log10_p))
+        info.add_row("detected", "[bold red]yes[/bold red]" if r.detected else "no")
+        out.print(info)
+    for w in res.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+@_command(app)
+def verify(
+    model: Annotated[str, typer.Argument(help="MODEL.safetensors, torchvision:NAME or timm:NAME.")],
+    probe: Annotated[
+        list[str] | None,
+        typer.Option("--probe", help="Clean probe shards (never marked), repeatable."),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="Key file, key fingerprint or mark record (prefix). Default: every mark record in the keystore.",
+        ),
+    ] = None,
+    marker: Annotated[
+        str | None,
+        typer.Option(
+            "--marker", help="The marking network, if the mark record does not say where it is."
+        ),
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="Architecture of a weights file without metadata.")
+    ] = None,
+    head: Annotated[
+        str | None, typer.Option("--head", help="Dotted name of the final Linear layer.")
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Significance level of the verdict.")
+    ] = 1e-3,
+    expect: Annotated[
+        str,
+        typer.Option(
+            "--expect", help="clean: exit 1 when a mark is detected; marked: exit 1 when it is not."
+        ),
+    ] = "clean",
+    probe_limit: Annotated[
+        int | None, typer.Option("--probe-limit", help="Use at most N probe images.")
+    ] = None,
+    center: Annotated[
+        bool, typer.Option("--center/--no-center", help="Fit the alignment with an intercept.")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    plot_file: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write the per-class cosines against the null density (PNG)."),
+    ] = None,
+    keystore: KeystoreOpt = Path("keys"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Test a model for your radioactive marks. Exit 0: no mark, 1: mark detected, 2: bad input."""
+    from .verify import plot, result_to_json, verify_model
+
+    if expect not in ("clean", "marked"):
+        raise UsageError("--expect must be 'clean' or 'marked'")
+    res = verify_model(
+        model,
+        keystore=keystore,
+        probe=probe or [],
+        key_ref=key,
+        marker_spec=marker,
+        arch=arch,
+        head=head,
+        alpha=alpha,
+        device=device,
+        probe_limit=probe_limit,
+        center=center,
+        passphrase=_passphrase_fn(),
+    )
+    if plot_file is not None:
+        plot(res, plot_file)
+    if json_out:
+        _emit_json(result_to_json(res))
+    else:
+        _render_verify(res)
+    failed = res.detected if expect == "clean" else not res.detected
+    raise typer.Exit(1 if failed else 0)
 
 
 def main() -> None:

@@ -68,3 +68,26 @@ def load_labelled_images(
     arr = np.stack(imgs).transpose(0, 3, 1, 2).copy()
     lab = np.asarray(labels, dtype=np.int64)
     return LabelledImages(arr, lab, keys, int(lab.max()) + 1)
+
+
+def load_images(specs: Sequence[str], *, limit: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Images only (uint8 [N, C, H, W], one size) and their keys: probe sets need no labels."""
+    imgs: list[np.ndarray] = []
+    keys: list[str] = []
+    for url in expand_shards(specs):
+        for sample in iter_samples(url):
+            ext = sample.image_ext()
+            if ext is None:
+                raise ShardError(url, "sample has no image member", sample=sample.key)
+            img = decode_image(sample.get(ext) or b"", shard=url, key=sample.key)
+            if imgs and img.shape != imgs[0].shape:
+                raise ShardError(
+                    url, "images of different sizes in one probe set", sample=sample.key
+                )
+            imgs.append(img)
+            keys.append(f"{url}/{sample.key}")
+            if limit is not None and len(imgs) >= limit:
+                return np.stack(imgs).transpose(0, 3, 1, 2).copy(), keys
+    if not imgs:
+        raise InputError("no images found in " + ", ".join(specs))
+    return np.stack(imgs).transpose(0, 3, 1, 2).copy(), keys

@@ -1,0 +1,352 @@
+"""``radmark verify``: is this model radioactive for my keys?
+
+The white-box test of Sablayrolles et al. (2020): features of the marker φ and of the suspect on a
+clean probe set; least squares X = argmin ‖F_m X − F_s‖; the suspect's classifier mapped into φ's
+space, W̃ = W_s Xᵀ (rows normalised); per class c_k = W̃_k·u_k, whose exact null (any model that
+never saw the secret carriers) is the cosine of a fixed vector with a uniform random direction
+in R^d; classes combined with Fisher. The randomness is in the carriers, so the test is exact for
+any model, clean or not, provided the model is independent of the key.
+
+Several keys tested against one model are corrected with Holm (valid under any dependence).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .align import fit_alignment, map_classifier
+from .canonical import address
+from .carriers import carriers_digest, derive_carriers
+from .errors import IntegrityError, KeystoreError, ModelError, UsageError
+from .keyops import is_key_file
+from .keys import SecretKey
+from .keystore import Keystore, MarkRecord, PassphraseFn, load_keyfile
+from .stats import LN10, fisher_log_sf, holm_adjust, log_cosine_sf, log_normal_sf, zscore
+
+LOW_POWER_CLASSES = 30
+VERDICT_TEST = "white_box_fisher"
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """One test of one key: ``log10_p`` is exact unless ``exact`` is False (then informative only)."""
+
+    name: str
+    log10_p: float
+    exact: bool
+    statistic: float
+    description: str
+
+
+@dataclass(frozen=True)
+class KeyResult:
+    fingerprint: str
+    record: str
+    marker: str
+    num_classes: int
+    dim: int
+    cosines: list[float]
+    class_log10_p: list[float]
+    tests: dict[str, TestResult]
+    log10_p: float  # the verdict-bearing combined p (before multiple-testing correction)
+    log10_p_adjusted: float  # after Holm over all keys tested
+    detected: bool
+    alignment_r2: float
+    alignment_residual: float
+    alignment_warning: str | None
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    model: str
+    model_sha256: str
+    arch: str
+    alpha: float
+    detected: bool
+    results: list[KeyResult]
+    probe_size: int
+    correction: str | None
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _features(fn: Callable[[Any], Any], images: np.ndarray, batch: int, device: str) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch):
+            x = torch.from_numpy(images[i : i + batch]).to(device).float().div_(255.0)
+            out.append(fn(x).double().cpu().numpy())
+    feats = np.concatenate(out)
+    if not np.all(np.isfinite(feats)):
+        raise ModelError("the model produced non-finite features on the probe set")
+    return feats
+
+
+def _gray_adapter(model: Any) -> Callable[[Any], Any]:
+    """Feed a 1-channel model the single channel of grayscale input (replicated or not)."""
+
+    def fn(x: Any) -> Any:
+        if model.in_chans == 1 and x.shape[1] == 3:
+            x = x[:, :1]
+        return model.features(x)
+
+    return fn
+
+
+def white_box(cosines: np.ndarray, d: int) -> tuple[np.ndarray, dict[str, TestResult], float]:
+    """Per-class ln p, the tests, and the verdict-bearing combined ln p."""
+    lp = log_cosine_sf(cosines, d)
+    fisher = fisher_log_sf(lp)
+    z = zscore(cosines, d)
+    tests = {
+        VERDICT_TEST: TestResult(
+            VERDICT_TEST,
+            fisher / LN10,
+            True,
+            float(-2.0 * np.sum(lp)),
+            "Fisher over per-class exact cosine tails (paper, white box)",
+        ),
+        "white_box_zscore": TestResult(
+            "white_box_zscore",
+            log_normal_sf(z) / LN10,
+            False,
+            z,
+            "mean(c)·√(C·d), normal approximation (informative only)",
+        ),
+    }
+    return lp, tests, fisher
+
+
+def _records_for(
+    store: Keystore, key_ref: str | None, passphrase: PassphraseFn
+) -> list[tuple[MarkRecord, SecretKey]]:
+    secrets: dict[str, SecretKey] = {}
+    if key_ref is not None and is_key_file(key_ref):
+        key, rec = load_keyfile(Path(key_ref), passphrase)
+        secrets[rec.fingerprint] = key
+        records = store.mark_records(rec.fingerprint)
+    elif key_ref is not None:
+        try:
+            records = [store.mark_record(key_ref)]
+        except KeystoreError:
+            records = store.mark_records(store.key_record(key_ref).fingerprint)
+    else:
+        records = store.mark_records()
+    if not records:
+        raise KeystoreError(
+            f"no mark records in keystore {store.root}"
+            + (f" for {key_ref}" if key_ref else "")
+            + ": mark data with `radmark mark` first, or pass --keystore"
+        )
+    # Records with the same key, marker and (d, C) share their carriers: one test, not several
+    # (testing it twice would only cost power through the multiple-testing correction).
+    unique: dict[tuple[str, str, int, int], MarkRecord] = {}
+    for rec in records:
+        s = rec.signed
+        unique[(rec.fingerprint, s["marker"]["id"], int(s["dim"]), int(s["num_classes"]))] = rec
+    out = []
+    for rec in unique.values():
+        if rec.fingerprint not in secrets:
+            secrets[rec.fingerprint] = store.secret(rec.fingerprint, passphrase)[0]
+        out.append((rec, secrets[rec.fingerprint]))
+    return out
+
+
+def verify_model(
+    model_spec: str,
+    *,
+    keystore: Path,
+    probe: Sequence[str],
+    key_ref: str | None = None,
+    marker_spec: str | None = None,
+    arch: str | None = None,
+    head: str | None = None,
+    alpha: float = 1e-3,
+    device: str = "cpu",
+    probe_limit: int | None = None,
+    center: bool = False,
+    batch_size: int = 256,
+    passphrase: PassphraseFn = lambda: None,
+) -> VerifyResult:
+    """Test ``model_spec`` against every selected mark record; see the module docstring."""
+    from .data import load_images
+    from .marker import marker_identity
+    from .models import load_model
+
+    if not 0.0 < alpha < 1.0:
+        raise UsageError("--alpha must be in (0, 1)")
+    if not probe:
+        raise UsageError(
+            "pass --probe SHARDS: clean images from the same distribution, never marked"
+        )
+    t0 = time.perf_counter()
+    store = Keystore.open(keystore)
+    selected = _records_for(store, key_ref, passphrase)
+    suspect = load_model(model_spec, arch=arch, head=head, device=device)
+    images, _ = load_images(probe, limit=probe_limit)
+    f_s = _features(_gray_adapter(suspect), images, batch_size, device)
+    w_s = suspect.weight().numpy()
+    warnings: list[str] = []
+    markers: dict[str, tuple[np.ndarray, Any]] = {}
+    results: list[tuple[MarkRecord, np.ndarray, dict[str, TestResult], float, Any]] = []
+    for rec, key in selected:
+        m = rec.signed["marker"]
+        if m["id"] not in markers:
+            spec = marker_spec or m.get("source")
+            if not spec:
+                raise UsageError(
+                    f"mark record {address(rec.address)} does not say where its marker "
+                    "is: pass --marker FILE.safetensors"
+                )
+            marker = load_model(spec, device=device)
+            if marker_identity(marker.name, marker.sha256) != m["id"]:
+                raise ModelError(
+                    f"marker {spec} is {marker_identity(marker.name, marker.sha256)}, "
+                    f"but the mark was made with {m['id']}"
+                )
+            f_m = _features(_gray_adapter(marker), images, batch_size, device)
+            markers[m["id"]] = (f_m, fit_alignment(f_m, f_s, center=center))
+        f_m, al = markers[m["id"]]
+        d, c = int(rec.signed["dim"]), int(rec.signed["num_classes"])
+        if w_s.shape[0] != c:
+            raise ModelError(
+                f"the model has {w_s.shape[0]} classes but mark record "
+                f"{address(rec.address)[:19]} has {c}"
+            )
+        carriers = derive_carriers(key.carrier_seed(), d, c, m["id"])
+        if carriers_digest(carriers) != rec.signed["carriers"]["sha256"]:
+            raise IntegrityError(
+                f"the key does not derive the carriers committed in record {address(rec.address)}"
+            )
+        w_tilde = map_classifier(w_s, al)
+        cos = np.sum(w_tilde * carriers.astype(np.float64), axis=1)
+        lp, tests, combined = white_box(cos, d)
+        results.append((rec, cos, tests, combined, al))
+    adjusted = holm_adjust(np.array([r[3] for r in results]))
+    log_alpha = math.log(alpha)
+    out: list[KeyResult] = []
+    for (rec, cos, tests, combined, al), adj in zip(results, adjusted, strict=True):
+        d = int(rec.signed["dim"])
+        out.append(
+            KeyResult(
+                fingerprint=address(rec.fingerprint),
+                record=address(rec.address),
+                marker=rec.signed["marker"]["id"],
+                num_classes=int(rec.signed["num_classes"]),
+                dim=d,
+                cosines=[float(x) for x in cos],
+                class_log10_p=[float(x) / LN10 for x in log_cosine_sf(cos, d)],
+                tests=tests,
+                log10_p=combined / LN10,
+                log10_p_adjusted=float(adj) / LN10,
+                detected=bool(adj <= log_alpha),
+                alignment_r2=al.r2,
+                alignment_residual=al.relative_residual,
+                alignment_warning=al.warning,
+            )
+        )
+        if al.warning and al.warning not in warnings:
+            warnings.append(al.warning)
+    if any(r.num_classes < LOW_POWER_CLASSES for r in out):
+        warnings.append(
+            f"only {min(r.num_classes for r in out)} classes: the white-box test has little power "
+            "with few classes, so 'not detected' is weak evidence of absence"
+        )
+    return VerifyResult(
+        model=suspect.source,
+        model_sha256=suspect.sha256,
+        arch=suspect.arch,
+        alpha=alpha,
+        detected=any(r.detected for r in out),
+        results=out,
+        probe_size=int(images.shape[0]),
+        correction="holm" if len(out) > 1 else None,
+        warnings=warnings,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def result_to_json(res: VerifyResult) -> dict[str, Any]:
+    """The spec's JSON (cli.md): field names are a contract."""
+    return {
+        "model": res.model,
+        "model_sha256": res.model_sha256,
+        "arch": res.arch,
+        "alpha": res.alpha,
+        "detected": res.detected,
+        "probe_size": res.probe_size,
+        "correction": res.correction,
+        "warnings": res.warnings,
+        "seconds": res.seconds,
+        "results": [
+            {
+                "fingerprint": r.fingerprint,
+                "record": r.record,
+                "marker": r.marker,
+                "num_classes": r.num_classes,
+                "dim": r.dim,
+                "tests": {
+                    k: {
+                        "log10_p": t.log10_p,
+                        "exact": t.exact,
+                        "statistic": t.statistic,
+                        "description": t.description,
+                    }
+                    for k, t in r.tests.items()
+                },
+                "log10_p": r.log10_p,
+                "log10_p_adjusted": r.log10_p_adjusted,
+                "detected": r.detected,
+                "cosines": r.cosines,
+                "class_log10_p": r.class_log10_p,
+                "alignment": {
+                    "r2": r.alignment_r2,
+                    "relative_residual": r.alignment_residual,
+                    "warning": r.alignment_warning,
+                },
+            }
+            for r in res.results
+        ],
+    }
+
+
+def plot(res: VerifyResult, path: Path) -> None:
+    """Per-class cosines against the null density of the cosine in R^d (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib: pip install 'radmark[plot]'") from exc
+    from scipy import special
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in res.results:
+        d = r.dim
+        lim = max(0.3, 1.2 * max(abs(c) for c in r.cosines), 6 / math.sqrt(d))
+        xs = np.linspace(-lim, lim, 400)
+        logf = ((d - 3) / 2) * np.log1p(-(xs**2)) - special.betaln(0.5, (d - 1) / 2)
+        ax.plot(xs, np.exp(logf), color="grey", lw=1)
+        ax.scatter(
+            r.cosines,
+            np.zeros(len(r.cosines)),
+            marker="|",
+            s=400,
+            label=f"{r.fingerprint[:15]}… log10 p = {r.log10_p:.1f}",
+        )
+    ax.set_xlabel("cosine between mapped classifier row and carrier")
+    ax.set_ylabel("null density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as st
+
+from radmark.carriers import derive_carriers
+from radmark.errors import ModelError
+from radmark.keys import SecretKey
+from radmark.models import build_model
+from radmark.pullback import pullback_directions
+from radmark.stats import fisher_log_sf, log_cosine_sf
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    marker = build_model("smallcnn", 10, in_chans=1).eval()
+    suspect = build_model("smallcnn", 10, in_chans=1).eval()
+    images = np.random.default_rng(0).integers(0, 256, (40, 1, 16, 16), dtype=np.uint8)
+    return marker, suspect, images
+
+
+def _phi(marker):
+    head = marker.fc if hasattr(marker, "fc") else None
+    assert head is not None
+
+    def f(x):
+        captured = {}
+        h = head.register_forward_hook(lambda m, i, o: captured.setdefault("z", i[0]))
+        try:
+            marker(x)
+        finally:
+            h.remove()
+        return captured["z"]
+
+    return f
+
+
+def test_directions_are_unit_and_deterministic(nets) -> None:
+    marker, suspect, images = nets
+    v1 = pullback_directions(suspect, _phi(marker), images, 10, batch_size=16)
+    v2 = pullback_directions(suspect, _phi(marker), images, 10, batch_size=40)
+    assert v1.shape == (10, 128)
+    np.testing.assert_allclose(np.linalg.norm(v1, axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(v1, v2, atol=1e-6)  # batching does not change the sum
+
+
+def test_null_calibration_over_1000_keys(nets) -> None:
+    """A model independent of the key: combined p-values uniform, ~1% below 0.01."""
+    marker, suspect, images = nets
+    v = pullback_directions(suspect, _phi(marker), images, 10)
+    ps = []
+    for _ in range(1000):
+        u = derive_carriers(SecretKey.generate().carrier_seed(), 128, 10, "m").astype(np.float64)
+        ps.append(math.exp(fisher_log_sf(log_cosine_sf(np.sum(v * u, axis=1), 128))))
+    ps = np.array(ps)
+    assert st.kstest(ps, "uniform").pvalue > 0.01
+    assert np.sum(ps < 0.01) <= st.binom.ppf(0.999, 1000, 0.01)
+
+
+def test_detects_a_model_that_reads_the_carriers(nets) -> None:
+    """logit_k = u_k·φ(x): the pulled-back gradient is J Jᵀ u_k, which leans toward u_k."""
+    marker, _, images = nets
+    u = torch.from_numpy(derive_carriers(b"\x07" * 32, 128, 10, "m"))
+    phi = _phi(marker)
+    v = pullback_directions(lambda x: phi(x) @ u.T, phi, images, 10)
+    cos = np.sum(v * u.double().numpy(), axis=1)
+    assert np.all(cos > 0.1)
+    assert fisher_log_sf(log_cosine_sf(cos, 128)) / math.log(10) < -10
+
+
+def test_wrong_number_of_classes_refused(nets) -> None:
+    marker, suspect, images = nets
+    with pytest.raises(ModelError, match="logits"):
+        pullback_directions(suspect, _phi(marker), images, 7)

@@ -70,3 +70,19 @@ def pullback_directions(
     if np.any(norms == 0):
         raise ModelError("the model's class scores do not depend on its input (zero gradients)")
     return v / norms
+
+
+def loaded_logits(model: Any) -> Callable[[Any], Any]:
+    """Logits of a :class:`~radmark.models.LoadedModel` on images in [0, 1] (grayscale adapted)."""
+    import torch
+
+    def fn(x: Any) -> Any:
+        if model.in_chans == 1 and x.shape[1] == 3:
+            x = x[:, :1]
+        elif model.in_chans == 3 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(model.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(model.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return model.model((x - mean) / std)
+
+    return fn

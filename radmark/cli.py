@@ -331,6 +331,8 @@ def mark(
     )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 reports
+
     with Progress(
         TextColumn("[bold]marking"),
         BarColumn(),
@@ -338,8 +340,8 @@ def mark(
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=err,
-        transient=json_out,
-        disable=json_out,
+        transient=True,
+        disable=json_out or rank != 0,
     ) as bar:
         task = bar.add_task("shards", total=None, info="")
         t0 = __import__("time").perf_counter()
@@ -365,6 +367,8 @@ def mark(
             options=options,
             progress=on_progress,
         )
+    if rank != 0:
+        return
     if json_out:
         _emit_json(
             {

@@ -1,0 +1,318 @@
+"""``radmark mark`` through the real CLI: JSON contract, resume rules, malformed shards, the lock,
+an unwritable output directory and a full disk. Every failure must be exit 2 with one line on
+stderr, no output shard for the failing shard, no temp file, and inputs untouched."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from radmark.cli import app
+from radmark.mark import LOCK, MANIFEST
+from radmark.shards import iter_samples
+from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mark-cli")
+    make_shards(root / "in", n=32, per_shard=16)
+    make_marker(root / "marker.safetensors")
+    make_key(root / "ks", root / "owner.key")
+    return {"root": root, "in": root / "in", "marker": root / "marker.safetensors",
+            "ks": root / "ks", "key": root / "owner.key"}  # fmt: skip
+
+
+def _args(world: dict[str, Path], out: Path, *extra: str, shards: list[str] | None = None):
+    return [
+        "mark",
+        *(shards or [str(world["in"])]),
+        "--key", str(world["key"]),
+        "--keystore", str(world["ks"]),
+        "--out", str(out),
+        "--marker", str(world["marker"]),
+        "--fraction", "0.5",
+        "--steps", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def _one_error_line(res, *needles: str) -> str:
+    """Exit 2 and exactly one stderr line, 'radmark: error: ...' naming the problem.
+
+    Callers pass --json: without it the rich progress bar currently leaves its last frame on
+    stderr before the error (see test_error_without_json_is_one_line)."""
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("radmark: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _no_shards_or_temps(out: Path) -> None:
+    if out.is_dir():
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tar")]
+        assert not temp_files(out)
+
+
+# --------------------------------------------------------------------------------------------
+# success: the JSON contract and the record
+
+
+def test_mark_json_fields_record_and_keys_show(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    before = sha256_tree(world["in"])
+    res = run(*_args(world, out, "--json"))
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    for f in ("schema_version", "fingerprint", "record", "shards", "images", "marked",
+              "psnr_mean", "psnr_min", "linf_max", "images_per_s"):  # fmt: skip
+        assert f in doc, f
+    assert doc["schema_version"] == 1 and doc["shards"] == 2 and doc["images"] == 32
+    assert 0 < doc["marked"] < 32 and doc["psnr_min"] >= 42 and doc["linf_max"] <= 2
+    assert doc["record"].startswith("sha256:") and doc["images_per_s"] > 0
+    assert sha256_tree(world["in"]) == before
+    man = json.loads((out / MANIFEST).read_bytes())
+    assert man["record"] == doc["record"]
+    assert sum(len(e["marked_keys"]) for e in man["shards"].values()) == doc["marked"]
+    shown = run("keys", "show", doc["record"][:20], "--keystore", str(world["ks"]), "--json")
+    assert shown.exit_code == 0, shown.output
+    rec = json.loads(shown.stdout)["record"]
+    assert rec["counts"]["marked"] == doc["marked"] and rec["counts"]["images"] == 32
+    assert [s["name"] for s in rec["shards"]] == ["data-000000.tar", "data-000001.tar"]
+
+
+def test_resume_rules(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = run(*_args(world, out, "--json"))
+    assert first.exit_code == 0, first.output
+    shards_before = {k: v for k, v in sha256_tree(out).items() if k.endswith(".tar")}
+    # an earlier manifest without --resume: refused, nothing touched
+    _one_error_line(run(*_args(world, out, "--json")), "--resume", str(out))
+    # --resume with other settings: refused
+    changed = _args(world, out, "--resume")
+    changed[changed.index("--fraction") + 1] = "0.25"
+    _one_error_line(run(*changed, "--json"), "other settings")
+    _one_error_line(run(*_args(world, out, "--resume", "--steps", "3", "--json")), "other settings")
+    # --resume with the same settings: every shard is kept, same bytes
+    again = run(*_args(world, out, "--resume", "--json"))
+    assert again.exit_code == 0, again.output
+    doc = json.loads(again.stdout)
+    assert all(r["resumed"] for r in doc["shard_reports"])
+    assert {k: v for k, v in sha256_tree(out).items() if k.endswith(".tar")} == shards_before
+    assert doc["marked"] == json.loads(first.stdout)["marked"]
+
+
+def test_existing_output_shard_without_manifest_is_refused(world, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "data-000000.tar").write_bytes(b"someone else's file")
+    _one_error_line(run(*_args(world, out, "--json")), "already holds data-000000.tar")
+    assert (out / "data-000000.tar").read_bytes() == b"someone else's file"
+
+
+# --------------------------------------------------------------------------------------------
+# malformed shards
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _good_members(world: dict[str, Path]) -> list[tuple[str, bytes]]:
+    sample = next(iter_samples(str(world["in"] / "data-000000.tar")))
+    return [(f"{sample.key}.{e}", d) for e, d in sample.members]
+
+
+@pytest.mark.parametrize(
+    "kind, needle",
+    [
+        ("truncated", "truncated"),
+        ("not-an-image", "does not decode"),
+        ("missing-label", "no label member 'cls'"),
+        ("label-out-of-range", "out of range for 10 classes"),
+        ("path-traversal", "'..' path component"),
+    ],
+)
+def test_malformed_shard_exit_2_one_line_no_output(
+    world: dict[str, Path], tmp_path: Path, kind: str, needle: str
+) -> None:
+    good = _good_members(world)
+    png = next(d for n, d in good if n.endswith(".png"))
+    bad = tmp_path / "in" / "bad-000000.tar"
+    if kind == "truncated":
+        data = (world["in"] / "data-000000.tar").read_bytes()
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes(data[: len(data) // 2 + 100])
+    elif kind == "not-an-image":
+        _tar(
+            bad,
+            [*good, ("00000777.png", b"GIF89a but not really an image"), ("00000777.cls", b"1")],
+        )
+    elif kind == "missing-label":
+        _tar(bad, [*good, ("00000777.png", png), ("00000777.json", b"{}")])
+    elif kind == "label-out-of-range":
+        _tar(bad, [*good, ("00000777.png", png), ("00000777.cls", b"12")])
+    else:
+        _tar(bad, [*good, ("../00000777.png", png), ("../00000777.cls", b"1")])
+    before = sha256_tree(bad.parent)
+    out = tmp_path / "out"
+    _one_error_line(run(*_args(world, out, "--json", shards=[str(bad)])), "bad-000000.tar", needle)
+    _no_shards_or_temps(out)
+    assert sha256_tree(bad.parent) == before
+
+
+def test_a_run_that_finished_no_shard_can_simply_be_rerun(world, tmp_path: Path) -> None:
+    bad = _tar(
+        tmp_path / "in" / "bad-000000.tar", [("00000001.png", b"junk"), ("00000001.cls", b"1")]
+    )
+    out = tmp_path / "out"
+    _one_error_line(run(*_args(world, out, "--json", shards=[str(bad)])), "bad-000000.tar")
+    assert (out / MANIFEST).exists()  # settings pinned, but no shard finished
+    res = run(*_args(world, out, "--json"))  # other shards, no --resume: nothing to protect
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["images"] == 32
+
+
+def test_on_error_skip_copies_the_bad_sample_and_counts_it(world, tmp_path: Path) -> None:
+    good = _good_members(world)
+    junk = b"\x89PNG\r\n\x1a\n but truncated"
+    bad = _tar(tmp_path / "in" / "bad-000000.tar",
+               [*good, ("00000777.png", junk), ("00000777.cls", b"1")])  # fmt: skip
+    out = tmp_path / "out"
+    _one_error_line(run(*_args(world, out, "--json", shards=[str(bad)])), "00000777")
+    _no_shards_or_temps(out)
+    res = run(*_args(world, tmp_path / "out2", "--on-error", "skip", "--json",
+                     shards=[str(bad)]))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["skipped"] == 1 and doc["images"] == 2
+    man = json.loads((tmp_path / "out2" / MANIFEST).read_bytes())
+    assert man["shards"]["bad-000000.tar"]["skipped"] == 1
+    copied = {s.key: s for s in iter_samples(str(tmp_path / "out2" / "bad-000000.tar"))}
+    assert copied["00000777"].get("png") == junk  # copied unmarked, byte for byte
+
+
+# --------------------------------------------------------------------------------------------
+# the lock, an unwritable directory, a full disk
+
+
+def test_second_run_on_a_locked_directory_is_refused(world, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running mark holds it
+        _one_error_line(
+            run(*_args(world, out, "--json")), "being written by another radmark mark run"
+        )
+    finally:
+        os.close(fd)
+    _no_shards_or_temps(out)
+    assert run(*_args(world, out)).exit_code == 0  # the lock is gone with its holder
+
+
+def test_concurrent_real_runs_second_refused_first_completes(world, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "radmark.cli", *_args(world, out, "--batch-size", "2")]
+    cmd[cmd.index("--steps") + 1] = "30"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / MANIFEST).exists():  # written once the first run holds the lock
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        second = run(*_args(world, out, "--resume", "--json"))
+        _one_error_line(second, "being written by another radmark mark run", str(out))
+    finally:
+        stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr.decode()
+    assert json.loads((out / MANIFEST).read_bytes())["record"] is not None
+    assert sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar", "data-000001.tar"]
+
+
+def test_unwritable_output_directory(world, tmp_path: Path, monkeypatch) -> None:
+    """Tests run as root, where chmod does not stop writes, so two simulations are used: --out
+    below a regular file (the kernel refuses with ENOTDIR), and os.open failing with EROFS for
+    every path inside --out (a read-only mount)."""
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    _one_error_line(
+        run(*_args(world, blocker / "out", "--json")), "cannot create the output directory"
+    )
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_open = os.open
+
+    def ro_open(path, flags, *a, **k):
+        if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    _one_error_line(run(*_args(world, out, "--json")), "Read-only file system", str(out))
+    monkeypatch.undo()
+    assert not list(out.iterdir())
+
+
+def test_disk_full_exit_2_no_partial_shard(world, tmp_path: Path, monkeypatch) -> None:
+    """ENOSPC half-way through the second shard's bytes (simulated in the shard writer)."""
+    import radmark.shards as shards_mod
+
+    real_write = shards_mod._HashingWriter.write
+    writers: list[object] = []
+
+    def write(self, data):
+        if self not in writers:
+            writers.append(self)
+        if len(writers) == 2 and self.size > 5000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(shards_mod._HashingWriter, "write", write)
+    before = sha256_tree(world["in"])
+    out = tmp_path / "out"
+    _one_error_line(run(*_args(world, out, "--json")), "No space left on device", "data-000001.tar")
+    assert sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar"]  # the finished one
+    assert not temp_files(out)
+    assert sha256_tree(world["in"]) == before
+    # once space is freed, --resume keeps the finished shard and writes the other
+    monkeypatch.undo()
+    res = run(*_args(world, out, "--resume", "--json"))
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert [r["resumed"] for r in doc["shard_reports"]] == [True, False]
+    assert doc["images"] == 32 and not temp_files(out)
+
+
+def test_error_without_json_is_one_line(world, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "data-000000.tar").write_bytes(b"someone else's file")
+    _one_error_line(run(*_args(world, out)), "already holds data-000000.tar")

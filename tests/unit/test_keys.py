@@ -147,3 +147,18 @@ def test_objects_are_canonical_and_content_addressed(tmp_path: Path) -> None:
     obj.write_bytes(pretty)
     with pytest.raises(IntegrityError):
         Keystore.open(ks)
+
+
+def test_mark_record_signed_by_another_key_refused(tmp_path: Path) -> None:
+    """A record that names key A but carries key B's signature is refused at open."""
+    from radmark.keystore import MARK_RECORD_TYPE
+
+    ks = tmp_path / "ks"
+    a = generate_key(ks, passphrase=None, scrypt_n=FAST_N)
+    store = Keystore.open(ks)
+    fp_a = a.fingerprint.removeprefix("sha256:")
+    other = SecretKey.generate()
+    body = {"type": MARK_RECORD_TYPE, "format_version": 1, "key": fp_a, "created": "x"}
+    store.put(other.sign(body))
+    with pytest.raises(IntegrityError, match="signature"):
+        Keystore.open(ks)

@@ -1,0 +1,52 @@
+"""Statistical safety (issue #7): the false-positive rate of the verdict-bearing white-box test,
+measured over 1000 fresh random keys for one clean model on real probe images.
+
+Features and the alignment are computed once (they do not depend on the key); for each key the
+carriers are derived exactly as verify derives them and scored by ``radmark.verify.white_box``,
+the function verify itself uses.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as st
+
+from radmark.align import fit_alignment, map_classifier
+from radmark.carriers import derive_carriers
+from radmark.data import load_images
+from radmark.keys import SecretKey
+from radmark.models import load_model
+from radmark.verify import VERDICT_TEST, _features, _gray_adapter, white_box
+from tests.factories import make_marker, make_shards
+
+KEYS = 1000
+
+
+def test_white_box_false_positive_rate(tmp_path: Path) -> None:
+    marker = load_model(str(make_marker(tmp_path / "m.safetensors", seed=0)))
+    suspect = load_model(str(make_marker(tmp_path / "s.safetensors", seed=1)))  # never saw a mark
+    make_shards(tmp_path / "probe", n=600, per_shard=300, offset=2000)
+    images, _ = load_images([str(tmp_path / "probe")])
+    f_m = _features(_gray_adapter(marker), images, 200, "cpu")
+    f_s = _features(_gray_adapter(suspect), images, 200, "cpu")
+    w = map_classifier(suspect.weight().numpy(), fit_alignment(f_m, f_s))
+    marker_id = f"{marker.name}@sha256:{marker.sha256}"
+    log10_p = []
+    for _ in range(KEYS):
+        u = derive_carriers(SecretKey.generate().carrier_seed(), marker.dim, 10, marker_id)
+        _, tests, _ = white_box(np.sum(w * u.astype(np.float64), axis=1), marker.dim)
+        log10_p.append(tests[VERDICT_TEST].log10_p)
+    p = 10.0 ** np.array(log10_p)
+    for alpha in (0.05, 0.01):
+        hi = st.binom.ppf(0.995, KEYS, alpha)  # binomial 99% band, upper side
+        assert np.sum(p < alpha) <= hi, (alpha, np.sum(p < alpha))
+    assert np.sum(p < 1e-3) <= st.binom.ppf(0.995, KEYS, 1e-3)
+    assert st.kstest(p, "uniform").pvalue > 0.01
+    assert math.isfinite(min(log10_p))
+    print(
+        f"FPR over {KEYS} keys: <0.05: {np.mean(p < 0.05):.3f}, <0.01: {np.mean(p < 0.01):.3f}, "
+        f"<1e-3: {np.mean(p < 1e-3):.4f}, KS p = {st.kstest(p, 'uniform').pvalue:.3f}"
+    )

@@ -24,7 +24,7 @@ import numpy as np
 from .align import fit_alignment, map_classifier
 from .canonical import address
 from .carriers import carriers_digest, derive_carriers
-from .errors import IntegrityError, KeystoreError, ModelError, UsageError
+from .errors import InputError, IntegrityError, KeystoreError, ModelError, UsageError
 from .keyops import is_key_file
 from .keys import SecretKey
 from .keystore import Keystore, MarkRecord, PassphraseFn, load_keyfile
@@ -192,7 +192,23 @@ def verify_model(
     store = Keystore.open(keystore)
     selected = _records_for(store, key_ref, passphrase)
     suspect = load_model(model_spec, arch=arch, head=head, device=device)
+    # Cheap checks first: a model that cannot fit a record fails before any feature extraction.
+    for rec, _key in selected:
+        c = int(rec.signed["num_classes"])
+        if suspect.num_classes != c:
+            raise ModelError(
+                f"{suspect.source} ({suspect.arch}) has {suspect.num_classes} classes but mark "
+                f"record {address(rec.address)[:19]} has {c}: the model's classes do not match "
+                "the key's mark (pass --head NAME if another Linear layer is the classifier)"
+            )
     images, _ = load_images(probe, limit=probe_limit)
+    n_probe = int(images.shape[0])
+    d_max = max(int(rec.signed["dim"]) for rec, _key in selected)
+    if n_probe - (1 if center else 0) <= d_max:
+        raise InputError(
+            f"probe {', '.join(probe)} has {n_probe} images but the marker's features have "
+            f"d={d_max}: the alignment needs well above d clean images (say {10 * d_max})"
+        )
     f_s = _features(_gray_adapter(suspect), images, batch_size, device)
     w_s = suspect.weight().numpy()
     warnings: list[str] = []
@@ -207,7 +223,15 @@ def verify_model(
                     f"mark record {address(rec.address)} does not say where its marker "
                     "is: pass --marker FILE.safetensors"
                 )
-            marker = load_model(spec, device=device)
+            try:
+                marker = load_model(spec, device=device)
+            except ModelError as exc:
+                if marker_spec is not None:
+                    raise
+                raise ModelError(
+                    f"the marker recorded in mark record {address(rec.address)[:19]}: "
+                    f"{exc.message}; pass --marker FILE if it moved"
+                ) from None
             if marker_identity(marker.name, marker.sha256) != m["id"]:
                 raise ModelError(
                     f"marker {spec} is {marker_identity(marker.name, marker.sha256)}, "
@@ -217,11 +241,6 @@ def verify_model(
             markers[m["id"]] = (f_m, fit_alignment(f_m, f_s, center=center))
         f_m, al = markers[m["id"]]
         d, c = int(rec.signed["dim"]), int(rec.signed["num_classes"])
-        if w_s.shape[0] != c:
-            raise ModelError(
-                f"the model has {w_s.shape[0]} classes but mark record "
-                f"{address(rec.address)[:19]} has {c}"
-            )
         carriers = derive_carriers(key.carrier_seed(), d, c, m["id"])
         if carriers_digest(carriers) != rec.signed["carriers"]["sha256"]:
             raise IntegrityError(

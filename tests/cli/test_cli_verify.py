@@ -1,0 +1,321 @@
+"""``radmark verify`` through the real CLI: the JSON contract, Holm over several keys, the plot,
+and every way the input can be wrong (exit 2 with one clear line, never "not detected").
+
+The world is small and real: a smallcnn marker trained one epoch on real Fashion-MNIST images,
+two keys whose mark records come from the real ``radmark mark`` on a tiny shard, a clean model
+trained independently, and a clean probe set of 300 test images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from radmark import SCHEMA_VERSION
+from radmark.cli import app
+from radmark.keyops import generate_key
+from radmark.keystore import Keystore
+from radmark.marker import train_classifier
+from radmark.models import build_model, save_model
+from radmark.shards import write_dataset
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "fmnist-small.npz"
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+
+
+def _mark(root: Path, ks: Path, fingerprint: str, marker: Path, name: str, fraction: str) -> str:
+    res = run(
+        "mark", root / "tiny",
+        "--key", fingerprint,
+        "--keystore", ks,
+        "--out", root / name,
+        "--marker", marker,
+        "--fraction", fraction,
+        "--steps", "1",
+        "--json",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)["record"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("verify-cli")
+    d = np.load(DATA)
+    x, y = d["train_images"][:1000], d["train_labels"][:1000].astype(np.int64)
+    probe_x, probe_y = d["test_images"], d["test_labels"].astype(np.int64)
+
+    def train(seed: int):
+        return train_classifier(x[:, None], y, arch="smallcnn", num_classes=10, epochs=1, seed=seed)
+
+    model, mean, std, _, _ = train(0)
+    marker = root / "marker.safetensors"
+    save_model(model, marker, arch="smallcnn", num_classes=10, mean=mean, std=std)
+    model, mean, std, _, _ = train(1)
+    clean = root / "clean.safetensors"
+    save_model(model, clean, arch="smallcnn", num_classes=10, mean=mean, std=std)
+
+    write_dataset(probe_x[:300], probe_y[:300], root / "probe", samples_per_shard=150)
+    write_dataset(probe_x[300:350], probe_y[300:350], root / "probe50")
+    write_dataset(x[:16], y[:16], root / "tiny")
+
+    ks = root / "keys"
+    k1 = generate_key(ks, passphrase=None, out_file=root / "k1.key", scrypt_n=2**10)
+    k2 = generate_key(ks, passphrase=None, scrypt_n=2**10)
+    k3 = generate_key(ks, passphrase=None, scrypt_n=2**10)  # a key that never marked anything
+    rec1 = _mark(root, ks, k1.fingerprint, marker, "m1", "1.0")
+    rec2 = _mark(root, ks, k2.fingerprint, marker, "m2", "1.0")
+    # Same key, marker, d and C again: the same carriers, so one test, not two.
+    rec2b = _mark(root, ks, k2.fingerprint, marker, "m2b", "0.5")
+    other = generate_key(root / "other-keys", passphrase=None, scrypt_n=2**10)
+    return {
+        "root": root,
+        "marker": marker,
+        "clean": clean,
+        "probe": root / "probe",
+        "probe50": root / "probe50",
+        "ks": ks,
+        "k1": k1.fingerprint,
+        "k1_file": root / "k1.key",
+        "k2": k2.fingerprint,
+        "k3": k3.fingerprint,
+        "records": {k1.fingerprint: rec1, k2.fingerprint: rec2},
+        "rec2b": rec2b,
+        "other_ks": root / "other-keys",
+        "other": other.fingerprint,
+    }
+
+
+def verify(world: dict[str, Any], model: Any, *extra: Any, probe: bool = True, marker: bool = True):
+    args: list[Any] = ["verify", model, "--keystore", world["ks"]]
+    if probe:
+        args += ["--probe", world["probe"]]
+    if marker:
+        args += ["--marker", world["marker"]]
+    return run(*args, *extra)
+
+
+def one_error_line(res, *needles: str) -> str:
+    """Exit 2, nothing on stdout, exactly one stderr line naming the problem."""
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    assert res.stdout.strip() == "", res.stdout
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("radmark: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# the JSON contract
+
+
+def test_json_fields_per_spec(world: dict[str, Any]) -> None:
+    res = verify(world, world["clean"], "--key", world["k1"], "--json")
+    assert res.exit_code in (0, 1), res.output
+    doc = json.loads(res.stdout)
+    assert doc["schema_version"] == SCHEMA_VERSION
+    assert doc["model_sha256"] == hashlib.sha256(world["clean"].read_bytes()).hexdigest()
+    assert doc["alpha"] == 1e-3
+    assert isinstance(doc["detected"], bool)
+    assert doc["arch"] == "smallcnn" and doc["probe_size"] == 300
+    (r,) = doc["results"]
+    assert r["fingerprint"] == world["k1"]
+    assert r["record"] == world["records"][world["k1"]]
+    assert r["num_classes"] == 10 and r["dim"] == 128
+    assert set(r["tests"]) >= {"white_box_fisher", "white_box_zscore"}
+    for t in r["tests"].values():
+        assert isinstance(t["log10_p"], float) and t["log10_p"] <= 0.0
+    assert isinstance(r["log10_p"], float) and r["log10_p"] <= 0.0
+    assert r["log10_p"] == r["tests"]["white_box_fisher"]["log10_p"]
+    assert r["detected"] is (r["log10_p"] <= math.log10(1e-3))
+    assert doc["detected"] is r["detected"]
+    assert res.exit_code == (1 if doc["detected"] else 0)
+    assert len(r["cosines"]) == 10 and all(-1.0 <= c <= 1.0 for c in r["cosines"])
+
+
+def test_alpha_sets_the_verdict_and_json_keeps_the_exit_code(world: dict[str, Any]) -> None:
+    base = json.loads(verify(world, world["clean"], "--key", world["k1"], "--json").stdout)
+    lp = base["results"][0]["log10_p"]
+    if lp > -0.01:
+        pytest.skip(f"p = {10**lp:.3f} too close to 1 to pick an alpha above it")
+    above, below = 10 ** (lp + 0.005), 10 ** (lp - 0.005)
+    for alpha, detected in ((above, True), (below, False)):
+        for extra in (["--json"], []):
+            res = verify(world, world["clean"], "--key", world["k1"], "--alpha", alpha, *extra)
+            assert res.exit_code == (1 if detected else 0), res.output
+            if extra:
+                assert json.loads(res.stdout)["detected"] is detected
+                assert json.loads(res.stdout)["alpha"] == pytest.approx(alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# several keys: Holm
+
+
+def test_holm_over_all_keys_in_the_keystore(world: dict[str, Any]) -> None:
+    assert len(Keystore.open(world["ks"]).mark_records()) == 3
+    res = verify(world, world["clean"], "--json")
+    assert res.exit_code in (0, 1), res.output
+    doc = json.loads(res.stdout)
+    assert doc["correction"] == "holm"
+    # Two records of k2 share their carriers: tested once. k3 has no record: not tested.
+    got = {r["fingerprint"]: r for r in doc["results"]}
+    assert set(got) == {world["k1"], world["k2"]}
+    for r in got.values():
+        assert r["log10_p_adjusted"] >= r["log10_p"]
+        assert r["detected"] is (r["log10_p_adjusted"] <= -3.0)
+    best = min(r["log10_p"] for r in got.values())
+    assert min(r["log10_p_adjusted"] for r in got.values()) == pytest.approx(
+        min(0.0, best + math.log10(2)), abs=1e-9
+    )
+    text = verify(world, world["clean"]).stdout
+    assert "Holm" in text and "2 keys tested" in text
+
+
+def test_plot_writes_a_png(world: dict[str, Any], tmp_path: Path) -> None:
+    png = tmp_path / "cosines.png"
+    res = verify(world, world["clean"], "--plot", png, "--json")
+    assert res.exit_code in (0, 1), res.output
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: exit 2, one line
+
+
+def test_resnet18_without_metadata_is_recognised_then_refused_for_its_classes(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    model = build_model("resnet18", 1000)
+    path = tmp_path / "resnet18-raw.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    res = verify(world, path, "--key", world["k1"])
+    one_error_line(res, "resnet18", "1000 classes", "has 10", str(path))
+
+
+def test_model_with_other_classes(world: dict[str, Any], tmp_path: Path) -> None:
+    path = tmp_path / "five.safetensors"
+    save_model(build_model("smallcnn", 5, in_chans=1), path, arch="smallcnn", num_classes=5,
+               mean=(0.3,), std=(0.3,))  # fmt: skip
+    one_error_line(verify(world, path, "--key", world["k1"], "--json"), "5 classes", "has 10")
+
+
+def test_nan_weights(world: dict[str, Any], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in build_model("smallcnn", 10, in_chans=1).state_dict().items()}
+    state["features.0.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    meta = {"radmark.arch": "smallcnn", "radmark.num_classes": "10", "radmark.in_chans": "1"}
+    save_file(state, str(path), metadata=meta)
+    one_error_line(verify(world, path, "--key", world["k1"]), "NaN", str(path))
+
+
+class _Payload:
+    """Unpickling this would create ``flag``: a stand-in for arbitrary code execution."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        return (open, (str(self.flag), "w"))
+
+
+def test_pickle_with_side_effect_is_refused_without_running_it(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    flag = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    state: dict[str, Any] = dict(build_model("smallcnn", 10, in_chans=1).state_dict())
+    state["payload"] = _Payload(flag)
+    torch.save(state, path)
+    assert not flag.exists()
+    one_error_line(verify(world, path, "--key", world["k1"]), "weights_only", str(path))
+    assert not flag.exists()
+
+
+def test_probe_smaller_than_the_feature_dimension(world: dict[str, Any]) -> None:
+    args = ["--key", world["k1"], "--probe", world["probe50"]]
+    res = verify(world, world["clean"], *args, probe=False)
+    one_error_line(res, "50 images", "d=128", str(world["probe50"]))
+
+
+def test_missing_probe(world: dict[str, Any]) -> None:
+    one_error_line(verify(world, world["clean"], "--key", world["k1"], probe=False), "--probe")
+
+
+def test_no_mark_records_in_the_keystore(world: dict[str, Any]) -> None:
+    args = ["verify", world["clean"], "--probe", world["probe"], "--marker", world["marker"]]
+    one_error_line(run(*args, "--keystore", world["other_ks"]), "no mark records", "radmark mark")
+    # a key of this keystore that never marked anything
+    one_error_line(run(*args, "--keystore", world["ks"], "--key", world["k3"]), "no mark records")
+
+
+def test_key_not_in_the_keystore(world: dict[str, Any]) -> None:
+    one_error_line(verify(world, world["clean"], "--key", world["other"]), "no key", world["other"])
+
+
+def test_wrong_marker_file(world: dict[str, Any]) -> None:
+    res = verify(
+        world, world["clean"], "--key", world["k1"], "--marker", world["clean"], marker=False
+    )
+    one_error_line(res, "marker", str(world["clean"]), "the mark was made with")
+
+
+def test_marker_from_the_record_or_from_marker(world: dict[str, Any]) -> None:
+    """Without --marker: the record's marker path if it has one (hash checked), else one line
+    asking for --marker; a recorded marker that moved names the path and --marker."""
+    rec = Keystore.open(world["ks"]).mark_record(world["records"][world["k1"]])
+    source = rec.signed["marker"].get("source")
+    if not source:
+        one_error_line(
+            verify(world, world["clean"], "--key", world["k1"], marker=False), "--marker"
+        )
+        return
+    assert Path(source) == world["marker"].resolve()
+    res = verify(world, world["clean"], "--key", world["k1"], "--json", marker=False)
+    assert res.exit_code in (0, 1), res.output
+    assert json.loads(res.stdout)["results"][0]["fingerprint"] == world["k1"]
+    moved = world["marker"].with_name("moved.safetensors")
+    world["marker"].rename(moved)
+    try:
+        res = verify(world, world["clean"], "--key", world["k1"], marker=False)
+        one_error_line(res, source, "--marker")
+        res = verify(world, world["clean"], "--key", world["k1"], "--marker", moved, marker=False)
+        assert res.exit_code in (0, 1), res.output
+    finally:
+        moved.rename(world["marker"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--alpha", "0"], "--alpha"),
+        (["--alpha", "1.5"], "--alpha"),
+        (["--expect", "maybe"], "--expect"),
+    ],
+)
+def test_bad_options(world: dict[str, Any], extra: list[str], needle: str) -> None:
+    one_error_line(verify(world, world["clean"], "--key", world["k1"], *extra), needle)
+
+
+def test_missing_model_file(world: dict[str, Any], tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    one_error_line(verify(world, missing, "--key", world["k1"]), str(missing), "does not exist")

@@ -6,7 +6,7 @@ score for k at a clean probe image x. Pushing it forward through the marker's Ja
 J_φ(x)·g_k(x) ∈ R^d, says which marker-feature direction the suspect's class-k score responds to.
 A model trained on images marked along u_k responds to pixel changes that move φ along u_k, so
 
-    v_k = Σ_x J_φ(x) · g_k(x)        (probe images x, clean)
+    v_k = Σ_x J_φ(x) · g_k(x)        (clean probe images x, by default those of class k)
 
 should lean toward u_k. v_k is computed from the suspect, the marker and clean probe images only,
 never from the carriers, so under H0 (model independent of the key) cos(v_k, u_k) has exactly the
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 
 
 def pullback_directions(
@@ -32,38 +32,58 @@ def pullback_directions(
     images: np.ndarray,
     num_classes: int,
     *,
+    labels: np.ndarray | None = None,
     batch_size: int = 64,
     device: str = "cpu",
 ) -> np.ndarray:
-    """v_k for every class: float64 [C, d].
+    """v_k for every class: float64 [C, d], unit rows.
 
     suspect_logits: images float [B, C_in, H, W] in [0, 1] → logits [B, C].
     marker_features: same images → features [B, d] (differentiable, forward-mode friendly).
-    images: uint8 [N, C_in, H, W], clean probe images.
-    Cost: C backward passes of the suspect and C forward-mode passes of the marker per batch.
+    images: uint8 [N, C_in, H, W], clean probe images; labels: int [N] or None.
+    With labels (the default in verify), v_k sums over the probe images of class k the gradient
+    of the suspect's margin logit_k − logsumexp(other logits): the marked training images of
+    class k are where the suspect could learn u_k, and the margin ignores what all classes
+    share. Measured on the small Fashion-MNIST toy (100% marked, from-scratch smallcnn): combined
+    log10 p −2.4 with labels and margin vs −1.5 for all images and raw logits (control −0.8 / −0.2).
+    Without labels, every image contributes the raw logit_k gradient for every k.
     """
     import torch
     from torch.func import jvp
 
-    total: torch.Tensor | None = None
-    for i in range(0, images.shape[0], batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).to(device).float().div_(255.0)
-        xg = x.clone().requires_grad_(True)
-        with torch.enable_grad():
-            logits = suspect_logits(xg)
-            if logits.ndim != 2 or logits.shape[1] != num_classes:
-                raise ModelError(
-                    f"the model outputs {tuple(logits.shape[1:])} logits, the mark has {num_classes} classes"
-                )
-            rows = []
-            for k in range(num_classes):
-                (g,) = torch.autograd.grad(logits[:, k].sum(), xg, retain_graph=k < num_classes - 1)
-                _, tangent = jvp(marker_features, (x,), (g,))
-                rows.append(tangent.detach().double().sum(dim=0))
-        batch_sum = torch.stack(rows)
-        total = batch_sum if total is None else total + batch_sum
-    assert total is not None
-    v = total.cpu().numpy()
+    if labels is not None:
+        labels = np.asarray(labels)
+        missing = [k for k in range(num_classes) if not np.any(labels == k)]
+        if missing:
+            raise InputError(
+                f"the probe set has no image of class {missing[0]}: the pull-back "
+                "test needs labelled probe images of every class"
+            )
+    rows: list[np.ndarray] = [np.zeros(0)] * num_classes
+    for k in range(num_classes) if labels is not None else [None]:
+        subset = images if k is None else images[labels == k]
+        for i in range(0, subset.shape[0], batch_size):
+            x = torch.from_numpy(subset[i : i + batch_size]).to(device).float().div_(255.0)
+            xg = x.clone().requires_grad_(True)
+            with torch.enable_grad():
+                logits = suspect_logits(xg)
+                if logits.ndim != 2 or logits.shape[1] != num_classes:
+                    raise ModelError(
+                        f"the model outputs {tuple(logits.shape[1:])} logits, the mark has "
+                        f"{num_classes} classes"
+                    )
+                targets = range(num_classes) if k is None else [k]
+                for j in targets:
+                    if k is None:
+                        objective = logits[:, j]
+                    else:
+                        others = torch.cat([logits[:, :j], logits[:, j + 1 :]], dim=1)
+                        objective = logits[:, j] - others.logsumexp(dim=1)
+                    (g,) = torch.autograd.grad(objective.sum(), xg, retain_graph=True)
+                    _, tangent = jvp(marker_features, (x,), (g,))
+                    part = tangent.detach().double().sum(dim=0).cpu().numpy()
+                    rows[j] = part if rows[j].size == 0 else rows[j] + part
+    v = np.stack(rows)
     if not np.all(np.isfinite(v)):
         raise ModelError("the model's input gradients are not finite on the probe set")
     norms = np.linalg.norm(v, axis=1, keepdims=True)

@@ -78,3 +78,24 @@ def test_wrong_number_of_classes_refused(nets) -> None:
     marker, suspect, images = nets
     with pytest.raises(ModelError, match="logits"):
         pullback_directions(suspect, _phi(marker), images, 7)
+
+
+def test_class_conditional_margin_variant(nets) -> None:
+    marker, suspect, images = nets
+    labels = np.arange(len(images)) % 10
+    phi = _phi(marker)
+    v = pullback_directions(suspect, phi, images, 10, labels=labels)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-9)
+    ps = []
+    for i in range(300):
+        u = derive_carriers(SecretKey(i.to_bytes(32, "big")).carrier_seed(), 128, 10, "m")
+        ps.append(math.exp(fisher_log_sf(log_cosine_sf(np.sum(v * u, axis=1), 128))))
+    assert st.kstest(ps, "uniform").pvalue > 0.01
+    u = torch.from_numpy(derive_carriers(b"\x07" * 32, 128, 10, "m"))
+    v = pullback_directions(lambda x: phi(x) @ u.T, phi, images, 10, labels=labels)
+    cos = np.sum(v * u.double().numpy(), axis=1)
+    assert fisher_log_sf(log_cosine_sf(cos, 128)) / math.log(10) < -10
+    from radmark.errors import InputError
+
+    with pytest.raises(InputError, match="no image of class"):
+        pullback_directions(suspect, phi, images, 10, labels=np.zeros(len(images), int))

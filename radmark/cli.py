@@ -521,7 +521,9 @@ def _render_verify(res: Any) -> None:
         t.add_column("what")
         for name, tr in r.tests.items():
             t.add_row(name, f"{tr.log10_p:.2f}", "yes" if tr.exact else "approx.", tr.description)
-        t.add_row("[bold]combined (verdict)[/bold]", f"[bold]{r.log10_p:.2f}[/bold]", "yes", "")
+        n_exact = sum(tr.exact for tr in r.tests.values())
+        how = f"Bonferroni minimum over the {n_exact} exact tests" if n_exact > 1 else ""
+        t.add_row("[bold]combined (verdict)[/bold]", f"[bold]{r.log10_p:.2f}[/bold]", "yes", how)
         if res.correction:
             t.add_row(
                 "after Holm", f"{r.log10_p_adjusted:.2f}", "yes", f"{len(res.results)} keys tested"
@@ -589,6 +591,16 @@ def verify(
     center: Annotated[
         bool, typer.Option("--center/--no-center", help="Fit the alignment with an intercept.")
     ] = False,
+    pullback: Annotated[
+        bool,
+        typer.Option(
+            "--pullback/--no-pullback",
+            help="Also run the exact pull-back test (input gradients through the marker).",
+        ),
+    ] = True,
+    pullback_limit: Annotated[
+        int, typer.Option("--pullback-limit", help="Probe images used by the pull-back test.")
+    ] = 2000,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     plot_file: Annotated[
         Path | None,
@@ -615,6 +627,8 @@ def verify(
         probe_limit=probe_limit,
         center=center,
         passphrase=_passphrase_fn(),
+        pullback=pullback,
+        pullback_limit=pullback_limit,
     )
     if plot_file is not None:
         plot(res, plot_file)

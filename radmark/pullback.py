@@ -48,8 +48,13 @@ def pullback_directions(
     log10 p −2.4 with labels and margin vs −1.5 for all images and raw logits (control −0.8 / −0.2).
     Without labels, every image contributes the raw logit_k gradient for every k.
     """
+    import warnings
+
     import torch
-    from torch.func import jvp
+
+    with warnings.catch_warnings():  # torch.func's import warns about torch.jit internals
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.func import jvp
 
     if labels is not None:
         labels = np.asarray(labels)

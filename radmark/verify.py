@@ -7,7 +7,10 @@ never saw the secret carriers) is the cosine of a fixed vector with a uniform ra
 in R^d; classes combined with Fisher. The randomness is in the carriers, so the test is exact for
 any model, clean or not, provided the model is independent of the key.
 
-Several keys tested against one model are corrected with Holm (valid under any dependence).
+A second exact test needs no alignment: the suspect's input gradients pushed forward through the
+marker (radmark/pullback.py). The verdict combines the exact tests by Bonferroni on the minimum
+(valid under any dependence). Several keys tested against one model are corrected with Holm
+(valid under any dependence).
 """
 
 from __future__ import annotations
@@ -28,10 +31,20 @@ from .errors import InputError, IntegrityError, KeystoreError, ModelError, Usage
 from .keyops import is_key_file
 from .keys import SecretKey
 from .keystore import Keystore, MarkRecord, PassphraseFn, load_keyfile
-from .stats import LN10, fisher_log_sf, holm_adjust, log_cosine_sf, log_normal_sf, zscore
+from .stats import (
+    LN10,
+    bonferroni_min,
+    fisher_log_sf,
+    holm_adjust,
+    log_cosine_sf,
+    log_normal_sf,
+    zscore,
+)
 
 LOW_POWER_CLASSES = 30
 VERDICT_TEST = "white_box_fisher"
+PULLBACK_TEST = "pullback_fisher"
+POOR_ALIGNMENT_R2 = 0.5
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,74 @@ def white_box(cosines: np.ndarray, d: int) -> tuple[np.ndarray, dict[str, TestRe
     return lp, tests, fisher
 
 
+def pullback_test(cosines: np.ndarray, d: int, *, labelled: bool) -> TestResult:
+    """Fisher over the per-class exact tails of cos(v_k, u_k), v_k from radmark.pullback."""
+    lp = log_cosine_sf(cosines, d)
+    how = "class-conditional margin" if labelled else "all-image logit"
+    return TestResult(
+        PULLBACK_TEST,
+        fisher_log_sf(lp) / LN10,
+        True,
+        float(-2.0 * np.sum(lp)),
+        f"Fisher over cos(J_φ·∇logit, u_k), {how} gradients (white box, no alignment)",
+    )
+
+
+def combine_exact(tests: dict[str, TestResult]) -> float:
+    """ln p of the verdict: Bonferroni on the minimum over the exact tests.
+
+    The tests share the model and the carriers, so they are dependent; min·k is valid under any
+    dependence (a union bound) and costs at most log10 k against the best single test.
+    """
+    exact = [t.log10_p * LN10 for t in tests.values() if t.exact]
+    return bonferroni_min(np.array(exact))
+
+
+def _load_probe(probe: Sequence[str], limit: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Probe images and, when every sample has a label, the labels (the pull-back test uses them)."""
+    from .data import load_images, load_labelled_images
+    from .errors import ShardError
+
+    try:
+        data = load_labelled_images(probe, limit=limit)
+        return data.images, data.labels
+    except ShardError as exc:
+        if "label" not in exc.reason and "cls" not in exc.reason:
+            raise
+    images, _ = load_images(probe, limit=limit)
+    return images, None
+
+
+def _pullback(
+    suspect: Any,
+    marker: Any,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    num_classes: int,
+    limit: int,
+    device: str,
+) -> np.ndarray:
+    from .pullback import loaded_logits, pullback_directions
+
+    if images.shape[0] > limit:  # a class-balanced, deterministic subset: the first per class
+        if labels is not None:
+            per = max(1, limit // num_classes)
+            idx = np.concatenate([np.flatnonzero(labels == k)[:per] for k in range(num_classes)])
+            images, labels = images[np.sort(idx)], labels[np.sort(idx)]
+        else:
+            images = images[:limit]
+    if labels is not None and any(not np.any(labels == k) for k in range(num_classes)):
+        labels = None  # some class has no probe image: fall back to all-image gradients
+    return pullback_directions(
+        loaded_logits(suspect),
+        _gray_adapter(marker),
+        images,
+        num_classes,
+        labels=labels,
+        device=device,
+    )
+
+
 def _records_for(
     store: Keystore, key_ref: str | None, passphrase: PassphraseFn
 ) -> list[tuple[MarkRecord, SecretKey]]:
@@ -176,9 +257,10 @@ def verify_model(
     center: bool = False,
     batch_size: int = 256,
     passphrase: PassphraseFn = lambda: None,
+    pullback: bool = True,
+    pullback_limit: int = 2000,
 ) -> VerifyResult:
     """Test ``model_spec`` against every selected mark record; see the module docstring."""
-    from .data import load_images
     from .marker import marker_identity
     from .models import load_model
 
@@ -201,7 +283,7 @@ def verify_model(
                 f"record {address(rec.address)[:19]} has {c}: the model's classes do not match "
                 "the key's mark (pass --head NAME if another Linear layer is the classifier)"
             )
-    images, _ = load_images(probe, limit=probe_limit)
+    images, labels = _load_probe(probe, probe_limit)
     n_probe = int(images.shape[0])
     d_max = max(int(rec.signed["dim"]) for rec, _key in selected)
     if n_probe - (1 if center else 0) <= d_max:
@@ -213,6 +295,8 @@ def verify_model(
     w_s = suspect.weight().numpy()
     warnings: list[str] = []
     markers: dict[str, tuple[np.ndarray, Any]] = {}
+    marker_models: dict[str, Any] = {}
+    directions: dict[tuple[str, int], np.ndarray] = {}
     results: list[tuple[MarkRecord, np.ndarray, dict[str, TestResult], float, Any]] = []
     for rec, key in selected:
         m = rec.signed["marker"]
@@ -239,6 +323,7 @@ def verify_model(
                 )
             f_m = _features(_gray_adapter(marker), images, batch_size, device)
             markers[m["id"]] = (f_m, fit_alignment(f_m, f_s, center=center))
+            marker_models[m["id"]] = marker
         f_m, al = markers[m["id"]]
         d, c = int(rec.signed["dim"]), int(rec.signed["num_classes"])
         carriers = derive_carriers(key.carrier_seed(), d, c, m["id"])
@@ -249,6 +334,24 @@ def verify_model(
         w_tilde = map_classifier(w_s, al)
         cos = np.sum(w_tilde * carriers.astype(np.float64), axis=1)
         lp, tests, combined = white_box(cos, d)
+        if pullback:
+            if (m["id"], c) not in directions:
+                directions[(m["id"], c)] = _pullback(
+                    suspect, marker_models[m["id"]], images, labels, c, pullback_limit, device
+                )
+            v = directions[(m["id"], c)]
+            tests[PULLBACK_TEST] = pullback_test(
+                np.sum(v * carriers.astype(np.float64), axis=1), d, labelled=labels is not None
+            )
+            combined = combine_exact(tests)
+        if al.r2 < POOR_ALIGNMENT_R2:
+            warning = (
+                f"alignment R² = {al.r2:.3g} is poor: the white-box test stays exact but has "
+                "little power for this model"
+                + (" (the pull-back test needs no alignment)" if pullback else "")
+            )
+            if warning not in warnings:
+                warnings.append(warning)
         results.append((rec, cos, tests, combined, al))
     adjusted = holm_adjust(np.array([r[3] for r in results]))
     log_alpha = math.log(alpha)

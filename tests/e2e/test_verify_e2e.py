@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ def test_marked_model_is_detected(e2e: dict[str, Any], runs: dict[str, Any]) -> 
     assert r["detected"] is True
     assert r["num_classes"] == 10 and r["dim"] == 128
     assert r["log10_p"] <= MARKED_MAX_LOG10_P
-    assert r["log10_p"] == pytest.approx(r["tests"][VERDICT_TEST]["log10_p"])
+    exact = [t["log10_p"] for t in r["tests"].values() if t["exact"]]
+    assert r["log10_p"] == pytest.approx(min(0.0, min(exact) + math.log10(len(exact))))
     assert r["alignment"]["r2"] > 0.999  # frozen marker features: the map is the identity
     # The carriers' direction is visible in most classes, not one outlier.
     assert sum(c > 0 for c in r["cosines"]) >= 8
@@ -182,7 +184,9 @@ def test_library_path_is_what_the_cli_computed(
     cos = np.sum(w_tilde * u, axis=1)
     (r,) = _doc(runs[model, "json"])["results"]
     np.testing.assert_allclose(cos, r["cosines"], atol=1e-6)
-    assert white_box(cos, 128)[2] / LN10 == pytest.approx(r["log10_p"], abs=1e-4)
+    assert white_box(cos, 128)[2] / LN10 == pytest.approx(
+        r["tests"][VERDICT_TEST]["log10_p"], abs=1e-4
+    )
 
 
 @pytest.mark.parametrize("model", ["control", "suspect"])

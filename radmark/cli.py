@@ -394,6 +394,7 @@ def mark(
                         "skipped": r.skipped,
                         "output_sha256": r.output_sha256,
                         "resumed": r.resumed,
+                        "feature_cos_mean": r.feature_cos_mean,
                     }
                     for r in result.shards
                 ],

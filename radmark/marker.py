@@ -50,7 +50,7 @@ def train_classifier(
     small_stem: bool | None = None,
     augment: bool = True,
     progress: Callable[[int, float], None] | None = None,
-):  # -> (nn.Module, mean, std, train_accuracy)
+):  # -> (nn.Module, mean, std, train_accuracy, small_stem)
     """Train ``arch`` from scratch on uint8 [N, C, H, W] images: SGD + momentum, cosine schedule,
     random crop (pad 4) and flip. Used by ``radmark marker train`` and by the benchmark."""
     import torch

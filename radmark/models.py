@@ -921,6 +921,23 @@ def load_model(
     return _load_file(path, arch, head, device)
 
 
+def _canonical_safetensors(data: bytes) -> bytes:
+    """Re-serialise the header with sorted keys so the same weights always give the same bytes.
+
+    safetensors writes its metadata map in hash-map order, which changes from process to process;
+    a marker's identity is the SHA-256 of its file, so without this one model saved twice would
+    get two identities (and two sets of carriers). Offsets are relative to the data section, so
+    a different header length is harmless; the header is padded with spaces to 8 bytes.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 def save_model(
     model: nn.Module,
     path: Path | str,
@@ -938,7 +955,7 @@ def save_model(
     truncated model that later loads as something else. The state dict is checked against
     ``arch`` first, so a file that claims an architecture always loads as it.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if arch not in ARCHS:
         raise _unknown_arch(arch)
@@ -980,8 +997,12 @@ def save_model(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        digest = _sha256_file(Path(tmp))
+        data = _canonical_safetensors(save(tensors, metadata=metadata))
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = hashlib.sha256(data).hexdigest()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

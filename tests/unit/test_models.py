@@ -396,3 +396,31 @@ def test_densenet_legacy_key_names(tmp_path: Path) -> None:
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x))
+
+
+def test_save_model_is_byte_reproducible(tmp_path) -> None:
+    """A marker's identity is its file's SHA-256: the same weights must give the same bytes
+    (safetensors itself writes its metadata in hash-map order, different on every call)."""
+    import torch
+
+    from radmark.models import build_model, load_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, in_chans=1)
+    extra = {f"k{i}": str(i) for i in range(8)}
+    digests = {
+        save_model(
+            model,
+            tmp_path / f"m{i}.safetensors",
+            arch="smallcnn",
+            num_classes=10,
+            mean=(0.5,),
+            std=(0.25,),
+            extra=extra,
+        )
+        for i in range(4)
+    }
+    assert len(digests) == 1
+    assert len({(tmp_path / f"m{i}.safetensors").read_bytes() for i in range(4)}) == 1
+    loaded = load_model(str(tmp_path / "m0.safetensors"))
+    assert loaded.sha256 == digests.pop() and loaded.metadata["k3"] == "3"

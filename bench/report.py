@@ -33,6 +33,33 @@ TARGETS = {
 }
 
 
+def verify_time_section(folder: Path) -> list[str]:
+    """Verify time (issue #4) from the latest ``bench/results/verify-time-*.json``."""
+    files = sorted(folder.glob("verify-time-*.json"))
+    if not files:
+        return []
+    data = json.loads(files[-1].read_text())
+    rows = []
+    for name, t in data["timings"].items():
+        keys, _, _, pull = name.split("_")
+        rows.append(
+            [keys, "yes" if pull == "True" else "no", str(t["probe"]), f"{t['seconds']:.1f}"]
+        )
+    lines = [
+        "## Verify time",
+        "",
+        f"`{data['command']}` on {data['device']} (load average at the end "
+        f"{data['load_avg'][0]:.1f}); suspect {data['suspect']}, marker {data['marker']}, "
+        f"{data['image']}. Features, alignment and pull-back directions are computed once per "
+        "marker; each further key costs a carrier derivation and C cosines. Source: "
+        f"`{files[-1].relative_to(REPO) if files[-1].is_relative_to(REPO) else files[-1]}`.",
+        "",
+    ]
+    lines += table(["keys", "pull-back test", "probe images", "seconds"], rows)
+    lines += [f"Ratio 100 keys / 1 key (no pull-back): {data['ratio_100_to_1_keys']:.2f}.", ""]
+    return lines
+
+
 def load_results(folder: Path) -> list[dict[str, Any]]:
     runs = []
     for path in sorted(folder.glob("*.json")):
@@ -638,6 +665,7 @@ def build(results: Path, doc: Path, img_dir: Path) -> Path:
         latest = [r for r in runs if r["mode"] == mode]
         if latest:
             lines += detailed(latest[-1], img_dir, doc.parent)
+    lines += verify_time_section(results)
     # Plots of runs that are no longer shown in detail would only go stale: remove them.
     shown = "\n".join(lines)
     for p in [*img_dir.glob("*-log10p.png"), *img_dir.glob("*-null.png")]:

@@ -7,13 +7,13 @@ Marking itself streams shard by shard (mark.py); this module is for the small sp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InputError, ShardError
-from .shards import decode_image, expand_shards, iter_samples, parse_label
+from .shards import Sample, decode_image, expand_shards, iter_samples, parse_label
 
 
 @dataclass(frozen=True)
@@ -27,18 +27,10 @@ class LabelledImages:
         return int(self.labels.shape[0])
 
 
-def load_labelled_images(
-    specs: Sequence[str],
-    *,
-    label_field: str = "cls",
-    num_classes: int | None = None,
-    limit: int | None = None,
-) -> LabelledImages:
-    """Decode every image of ``specs`` (all of one size and channel count) with its label."""
-    imgs: list[np.ndarray] = []
-    labels: list[int] = []
-    keys: list[str] = []
+def _decoded(specs: Sequence[str], limit: int | None) -> Iterator[tuple[str, Sample, np.ndarray]]:
+    """(shard, sample, image [H, W, C]) for every sample, all images of one size, at most ``limit``."""
     shape: tuple[int, ...] | None = None
+    n = 0
     for url in expand_shards(specs):
         for sample in iter_samples(url):
             ext = sample.image_ext()
@@ -54,18 +46,34 @@ def load_labelled_images(
                     f"{shape[1]}x{shape[0]}x{shape[2]}; this command needs images of one size",
                     sample=sample.key,
                 )
-            imgs.append(img)
-            labels.append(
-                parse_label(sample, shard=url, field=label_field, num_classes=num_classes)
-            )
-            keys.append(f"{url}/{sample.key}")
-            if limit is not None and len(imgs) >= limit:
-                break
-        if limit is not None and len(imgs) >= limit:
-            break
+            yield url, sample, img
+            n += 1
+            if limit is not None and n >= limit:
+                return
+
+
+def _stack(imgs: list[np.ndarray], specs: Sequence[str]) -> np.ndarray:
     if not imgs:
         raise InputError("no images found in " + ", ".join(specs))
-    arr = np.stack(imgs).transpose(0, 3, 1, 2).copy()
+    return np.stack(imgs).transpose(0, 3, 1, 2).copy()
+
+
+def load_labelled_images(
+    specs: Sequence[str],
+    *,
+    label_field: str = "cls",
+    num_classes: int | None = None,
+    limit: int | None = None,
+) -> LabelledImages:
+    """Decode every image of ``specs`` (all of one size and channel count) with its label."""
+    imgs: list[np.ndarray] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    for url, sample, img in _decoded(specs, limit):
+        labels.append(parse_label(sample, shard=url, field=label_field, num_classes=num_classes))
+        imgs.append(img)
+        keys.append(f"{url}/{sample.key}")
+    arr = _stack(imgs, specs)
     lab = np.asarray(labels, dtype=np.int64)
     return LabelledImages(arr, lab, keys, int(lab.max()) + 1)
 
@@ -74,20 +82,7 @@ def load_images(specs: Sequence[str], *, limit: int | None = None) -> tuple[np.n
     """Images only (uint8 [N, C, H, W], one size) and their keys: probe sets need no labels."""
     imgs: list[np.ndarray] = []
     keys: list[str] = []
-    for url in expand_shards(specs):
-        for sample in iter_samples(url):
-            ext = sample.image_ext()
-            if ext is None:
-                raise ShardError(url, "sample has no image member", sample=sample.key)
-            img = decode_image(sample.get(ext) or b"", shard=url, key=sample.key)
-            if imgs and img.shape != imgs[0].shape:
-                raise ShardError(
-                    url, "images of different sizes in one probe set", sample=sample.key
-                )
-            imgs.append(img)
-            keys.append(f"{url}/{sample.key}")
-            if limit is not None and len(imgs) >= limit:
-                return np.stack(imgs).transpose(0, 3, 1, 2).copy(), keys
-    if not imgs:
-        raise InputError("no images found in " + ", ".join(specs))
-    return np.stack(imgs).transpose(0, 3, 1, 2).copy(), keys
+    for url, sample, img in _decoded(specs, limit):
+        imgs.append(img)
+        keys.append(f"{url}/{sample.key}")
+    return _stack(imgs, specs), keys

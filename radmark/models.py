@@ -782,6 +782,37 @@ def _offline(spec: str, wanted: str) -> ModelError:
     )
 
 
+def _pretrained(
+    hub: str,
+    spec: str,
+    name: str,
+    model: nn.Module,
+    cached: Path,
+    head: str | None,
+    device: str,
+    mean: Iterable[float],
+    std: Iterable[float],
+    metadata: dict[str, str],
+) -> LoadedModel:
+    """The checks and bookkeeping shared by every model loaded from a local weights cache."""
+    _check_finite(model.state_dict(), spec)
+    model = _finalise(model, device)
+    resolved = resolve_head(model, head)
+    return LoadedModel(
+        name=f"{hub}:{name}",
+        source=spec,
+        sha256=_sha256_file(cached),
+        arch=name,
+        model=model,
+        head=resolved,
+        num_classes=resolved.linear.out_features,
+        dim=resolved.linear.in_features,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        metadata=metadata,
+    )
+
+
 def _load_torchvision(spec: str, name: str, head: str | None, device: str) -> LoadedModel:
     from torchvision.models import get_model, get_model_weights
 
@@ -803,24 +834,18 @@ def _load_torchvision(spec: str, name: str, head: str | None, device: str) -> Lo
             f"{spec}: the cached weights {cached} cannot be loaded ({exc}); delete the file and "
             "provide it again"
         ) from None
-    _check_finite(model.state_dict(), spec)
-    model = _finalise(model, device)
-    resolved = resolve_head(model, head)
     transforms = weights.transforms()
-    mean = tuple(float(v) for v in getattr(transforms, "mean", IMAGENET_MEAN))
-    std = tuple(float(v) for v in getattr(transforms, "std", IMAGENET_STD))
-    return LoadedModel(
-        name=f"torchvision:{name}",
-        source=spec,
-        sha256=_sha256_file(cached),
-        arch=name,
-        model=model,
-        head=resolved,
-        num_classes=resolved.linear.out_features,
-        dim=resolved.linear.in_features,
-        mean=mean,
-        std=std,
-        metadata={"weights": str(weights), "weights_file": filename},
+    return _pretrained(
+        "torchvision",
+        spec,
+        name,
+        model,
+        cached,
+        head,
+        device,
+        getattr(transforms, "mean", IMAGENET_MEAN),
+        getattr(transforms, "std", IMAGENET_STD),
+        {"weights": str(weights), "weights_file": filename},
     )
 
 
@@ -866,24 +891,18 @@ def _load_timm(spec: str, name: str, head: str | None, device: str) -> LoadedMod
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{spec}: cannot load cached weights {cached} ({exc})") from None
-    _check_finite(model.state_dict(), spec)
-    model = _finalise(model, device)
-    resolved = resolve_head(model, head)
     data_cfg = getattr(model, "pretrained_cfg", {}) or {}
-    mean = tuple(float(v) for v in data_cfg.get("mean", IMAGENET_MEAN))
-    std = tuple(float(v) for v in data_cfg.get("std", IMAGENET_STD))
-    return LoadedModel(
-        name=f"timm:{name}",
-        source=spec,
-        sha256=_sha256_file(cached),
-        arch=name,
-        model=model,
-        head=resolved,
-        num_classes=resolved.linear.out_features,
-        dim=resolved.linear.in_features,
-        mean=mean,
-        std=std,
-        metadata={"weights_file": str(cached.name)},
+    return _pretrained(
+        "timm",
+        spec,
+        name,
+        model,
+        cached,
+        head,
+        device,
+        data_cfg.get("mean", IMAGENET_MEAN),
+        data_cfg.get("std", IMAGENET_STD),
+        {"weights_file": str(cached.name)},
     )
 
 

@@ -64,6 +64,8 @@ keys_app = _typer("List, show and export keys and mark records in the keystore."
 app.add_typer(keys_app, name="keys")
 marker_app = _typer("Marking networks: train one on your own shards.")
 app.add_typer(marker_app, name="marker")
+kit_app = _typer("Verification kits: decoy-marked probe images for the exact black-box test.")
+app.add_typer(kit_app, name="kit")
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -534,17 +536,27 @@ def _render_verify(res: Any) -> None:
         info.add_row("mark record", r.record)
         info.add_row("marker", r.marker)
         info.add_row("classes / dim", f"{r.num_classes} / {r.dim}")
-        info.add_row(
-            "alignment", f"R² = {r.alignment_r2:.3f}, relative residual {r.alignment_residual:.3f}"
-        )
         cos = r.cosines
-        info.add_row(
-            "cosines",
-            f"{_spark(cos)}  mean {np.mean(cos):+.4f}, max {max(cos):+.4f} (null sd {1 / np.sqrt(r.dim):.4f})",
-        )
-        if r.num_classes <= 20:
-            info.add_row("per class", " ".join(f"{c:+.3f}" for c in cos))
-            info.add_row("log10 p", " ".join(f"{p:.1f}" for p in r.class_log10_p))
+        if r.alignment_r2 is not None:
+            info.add_row(
+                "alignment",
+                f"R² = {r.alignment_r2:.3f}, relative residual {r.alignment_residual:.3f}",
+            )
+        if cos:
+            info.add_row(
+                "cosines",
+                f"{_spark(cos)}  mean {np.mean(cos):+.4f}, max {max(cos):+.4f} "
+                f"(null sd {1 / np.sqrt(r.dim):.4f})",
+            )
+            if r.num_classes <= 20:
+                info.add_row("per class", " ".join(f"{c:+.3f}" for c in cos))
+                info.add_row("log10 p", " ".join(f"{p:.1f}" for p in r.class_log10_p))
+        if r.black_box_ranks is not None and r.num_classes <= 50:
+            info.add_row(
+                "black-box ranks",
+                " ".join(str(k) for k in r.black_box_ranks)
+                + f"  (of {r.black_box_slots} carriers; 1 = true carrier first)",
+            )
         info.add_row("detected", "[bold red]yes[/bold red]" if r.detected else "no")
         out.print(info)
     for w in res.warnings:
@@ -602,6 +614,14 @@ def verify(
     pullback_limit: Annotated[
         int, typer.Option("--pullback-limit", help="Probe images used by the pull-back test.")
     ] = 2000,
+    black_box: Annotated[
+        bool,
+        typer.Option(
+            "--black-box",
+            help="Run the exact decoy-rank test on the verification kit (outputs only; "
+            "`radmark kit build` first). Without --probe it is the only test.",
+        ),
+    ] = False,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     plot_file: Annotated[
         Path | None,
@@ -630,6 +650,7 @@ def verify(
         passphrase=_passphrase_fn(),
         pullback=pullback,
         pullback_limit=pullback_limit,
+        black_box=black_box,
     )
     if plot_file is not None:
         plot(res, plot_file)
@@ -639,6 +660,77 @@ def verify(
         _render_verify(res)
     failed = res.detected if expect == "clean" else not res.detected
     raise typer.Exit(1 if failed else 0)
+
+
+@_command(kit_app, "build")
+def kit_build(
+    record: Annotated[str, typer.Argument(help="Mark record (address prefix) the kit verifies.")],
+    probe: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--probe", help="Clean labelled held-out shards (never marked, never trained on)."
+        ),
+    ] = None,
+    key: Annotated[
+        Path | None,
+        typer.Option("--key", help="Owner key file, if the secret is not in the keystore."),
+    ] = None,
+    decoys: Annotated[
+        int, typer.Option("--decoys", help="Decoy carriers per class (K); floor (K+1)^-C.")
+    ] = 39,
+    per_class: Annotated[int, typer.Option("--per-class", help="Kit images per class.")] = 10,
+    marker: Annotated[
+        str | None, typer.Option("--marker", help="The marking network, if it moved.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    keystore: KeystoreOpt = Path("keys"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Mark held-out images once per carrier slot (true + decoys) and store the kit (0600)."""
+    from .keystore import Keystore, load_keyfile
+    from .kit import build_kit
+
+    store = Keystore.open(keystore)
+    rec = store.mark_record(record)
+    if key is not None:
+        secret, _rec = load_keyfile(key, _passphrase_fn())
+    else:
+        secret, _rec = store.secret(rec.fingerprint, _passphrase_fn())
+    res = build_kit(
+        store=store,
+        record=rec,
+        key=secret,
+        probe=probe or [],
+        marker_spec=marker,
+        decoys=decoys,
+        per_class=per_class,
+        device=device,
+        batch_size=batch_size,
+    )
+    if json_out:
+        _emit_json(
+            {
+                "fingerprint": res.fingerprint,
+                "mark_record": res.mark_record,
+                "kit_record": res.kit_record,
+                "kit_sha256": res.kit_sha256,
+                "decoys": res.decoys,
+                "per_class": res.per_class,
+                "images": res.images,
+                "markings": res.markings,
+                "psnr_mean": res.psnr_mean,
+                "psnr_min": res.psnr_min,
+                "bytes": res.kit_bytes,
+                "seconds": res.seconds,
+            }
+        )
+        return
+    err.print(
+        f"kit: {res.images} images × {res.decoys + 1} carriers ({res.markings} markings, "
+        f"PSNR mean {res.psnr_mean:.1f} dB) in {res.seconds:.1f} s, {res.kit_bytes} bytes"
+    )
+    typer.echo(res.kit_record)
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ KEY_FORMAT_VERSION = 1
 INFO_SIGNING = b"radmark/v1/ed25519-signing-key"
 INFO_CARRIERS = b"radmark/v1/carrier-seed"
 INFO_SELECTION = b"radmark/v1/sample-selection"
+INFO_DECOYS = b"radmark/v1/decoy-carrier-seed"
+INFO_KIT_SLOTS = b"radmark/v1/kit-slots"
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
@@ -138,6 +140,18 @@ class SecretKey:
     def selection_seed(self) -> bytes:
         """Seed for choosing which samples get marked (independent of the carriers)."""
         return _hkdf(self._secret, INFO_SELECTION)
+
+    def decoy_seed(self) -> bytes:
+        """Seed of the decoy carrier sets of verification kits (radmark/kit.py).
+
+        Independent of the carrier seed (another HKDF label), so decoys are drawn exactly like the
+        true carriers but never equal them.
+        """
+        return _hkdf(self._secret, INFO_DECOYS)
+
+    def kit_slot_seed(self) -> bytes:
+        """Seed that hides which slot of a kit holds the true carrier (radmark/kit.py)."""
+        return _hkdf(self._secret, INFO_KIT_SLOTS)
 
     def public_key_b64(self) -> str:
         return b64encode(_raw_public(self.signing_key().public_key()))

@@ -2,9 +2,12 @@
 
 Layout (root defaults to ``./keys``)::
 
-    objects/<h[:2]>/<h>.json        public key records, mark records, kits; h = SHA-256 of the bytes
+    objects/<h[:2]>/<h>.json        public key records, mark records, kit records;
+                                    h = SHA-256 of the bytes
     secrets/<fingerprint>.<h>.secret  a key's secret (0600, optionally passphrase-encrypted);
                                       h = SHA-256 of the file's own bytes
+    kits/<h[:2]>/<h>.safetensors    verification kits (0600: they hold images marked with the
+                                    true carriers); h = SHA-256 of the bytes, checked on load
 
 Every object's name is derived from its own hash, and every open of the store re-hashes every
 object, checks it is canonical JSON and verifies its signature (objects are a few KB, so a full
@@ -35,6 +38,8 @@ from .keys import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey, verify_body
 SECRET_TYPE = "radmark.secret"
 KEYFILE_TYPE = "radmark.keyfile"
 MARK_RECORD_TYPE = "radmark.mark"
+KIT_RECORD_TYPE = "radmark.kit"
+MAX_KIT_BYTES = 8 << 30
 SCRYPT_N = 2**15
 PassphraseFn = Callable[[], "str | None"]
 
@@ -163,7 +168,7 @@ class Keystore:
             root.mkdir(parents=True, mode=0o700)
         elif not root.is_dir():
             raise KeystoreError(f"keystore {root} is not a directory")
-        for sub in ("objects", "secrets"):
+        for sub in ("objects", "secrets", "kits"):
             p = root / sub
             if p.is_symlink():
                 raise KeystoreError(f"keystore {p} is a symbolic link; refusing to follow it")
@@ -173,6 +178,9 @@ class Keystore:
 
     def _object_path(self, hexd: str) -> Path:
         return self.root / "objects" / hexd[:2] / f"{hexd}.json"
+
+    def _kit_path(self, hexd: str) -> Path:
+        return self.root / "kits" / hexd[:2] / f"{hexd}.safetensors"
 
     def _check_all(self) -> None:
         raw: dict[str, dict[str, Any]] = {}
@@ -229,6 +237,22 @@ class Keystore:
                 if doc.get("fingerprint") != parts[0] or parts[0] not in keys:
                     raise IntegrityError(f"{path}: secret for an unknown key")
                 self.secrets[parts[0]] = path
+        kitdir = self.root / "kits"
+        if kitdir.is_dir():  # names and permissions now; kits are large, hashed when loaded
+            for path in sorted(kitdir.glob("*/*")):
+                if path.name.startswith("."):
+                    continue
+                hexd = path.name.removesuffix(".safetensors")
+                if path.parent.name != hexd[:2] or path.suffix != ".safetensors":
+                    raise IntegrityError(f"{path}: unexpected file in the keystore")
+                st = path.lstat()
+                if not stat.S_ISREG(st.st_mode):
+                    raise IntegrityError(f"{path}: not a regular file")
+                if st.st_mode & 0o077:
+                    raise KeystoreError(
+                        f"permissions {oct(st.st_mode & 0o777)} for {path} are too open; "
+                        f"run: chmod 600 {path}"
+                    )
 
     # ----------------------------------------------------------- writing
     def put(self, signed: dict[str, Any]) -> str:
@@ -261,6 +285,34 @@ class Keystore:
         self.secrets[record.fingerprint] = path
         return path
 
+    def put_kit(self, data: bytes) -> str:
+        """Store a verification kit (0600, content-addressed); return its hex address."""
+        hexd = sha256_hex(data)
+        path = self._kit_path(hexd)
+        if not path.exists():
+            for d in (path.parent.parent, path.parent):
+                d.mkdir(mode=0o700, exist_ok=True)
+            atomic_write_bytes(path, data, 0o600)
+        return hexd
+
+    def read_kit(self, hexd: str) -> bytes:
+        """A kit's bytes, refused unless they hash to ``hexd`` (tampered or corrupt)."""
+        path = self._kit_path(strip_address(hexd))
+        if not path.exists():
+            raise KeystoreError(f"keystore {self.root} is missing kit {address(hexd)[:19]}")
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+            raise KeystoreError(
+                f"permissions {oct(st.st_mode & 0o777)} for {path} are too open; "
+                f"run: chmod 600 {path}"
+            )
+        data = read_regular_file(path, max_bytes=MAX_KIT_BYTES)
+        if sha256_hex(data) != strip_address(hexd):
+            raise IntegrityError(
+                f"{path}: content does not match its address (tampered or corrupt)"
+            )
+        return data
+
     # ----------------------------------------------------------- reading
     def resolve(self, ref: str, kind: str | None = None) -> str:
         """Unique hex address for a fingerprint/address or a prefix of one (>= 4 hex chars)."""
@@ -274,7 +326,11 @@ class Keystore:
             for h, o in self.objects.items()
             if h.startswith(prefix) and (kind is None or o.get("type") == kind)
         ]
-        what = {KEY_RECORD_TYPE: "key", MARK_RECORD_TYPE: "mark record"}.get(kind or "", "object")
+        what = {
+            KEY_RECORD_TYPE: "key",
+            MARK_RECORD_TYPE: "mark record",
+            KIT_RECORD_TYPE: "kit record",
+        }.get(kind or "", "object")
         if not hits:
             raise KeystoreError(f"no {what} matching {ref!r} in keystore {self.root}")
         if len(hits) > 1:

@@ -940,7 +940,7 @@ def load_model(
     return _load_file(path, arch, head, device)
 
 
-def _canonical_safetensors(data: bytes) -> bytes:
+def canonical_safetensors(data: bytes) -> bytes:
     """Re-serialise the header with sorted keys so the same weights always give the same bytes.
 
     safetensors writes its metadata map in hash-map order, which changes from process to process;
@@ -1016,7 +1016,7 @@ def save_model(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        data = _canonical_safetensors(save(tensors, metadata=metadata))
+        data = canonical_safetensors(save(tensors, metadata=metadata))
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -8,8 +8,9 @@ in R^d; classes combined with Fisher. The randomness is in the carriers, so the 
 any model, clean or not, provided the model is independent of the key.
 
 A second exact test needs no alignment: the suspect's input gradients pushed forward through the
-marker (radmark/pullback.py). The verdict combines the exact tests by Bonferroni on the minimum
-(valid under any dependence). Several keys tested against one model are corrected with Holm
+marker (radmark/pullback.py). A third needs only the suspect's outputs: the decoy-rank test on a
+verification kit (radmark/kit.py, ``--black-box``); without a probe set it runs alone. The verdict
+combines the exact tests by Bonferroni on the minimum (valid under any dependence). Several keys tested against one model are corrected with Holm
 (valid under any dependence).
 """
 
@@ -31,6 +32,7 @@ from .errors import InputError, IntegrityError, KeystoreError, ModelError, Usage
 from .keyops import is_key_file
 from .keys import SecretKey
 from .keystore import Keystore, MarkRecord, PassphraseFn, load_keyfile
+from .kit import BLACK_BOX_TEST
 from .stats import (
     LN10,
     bonferroni_min,
@@ -65,15 +67,17 @@ class KeyResult:
     marker: str
     num_classes: int
     dim: int
-    cosines: list[float]
+    cosines: list[float]  # empty when only the black-box test ran
     class_log10_p: list[float]
     tests: dict[str, TestResult]
     log10_p: float  # the verdict-bearing combined p (before multiple-testing correction)
     log10_p_adjusted: float  # after Holm over all keys tested
     detected: bool
-    alignment_r2: float
-    alignment_residual: float
+    alignment_r2: float | None  # None: no alignment (black box only)
+    alignment_residual: float | None
     alignment_warning: str | None
+    black_box_ranks: list[int] | None = None  # per class, 1 = the true carrier ranked first
+    black_box_slots: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,17 @@ def combine_exact(tests: dict[str, TestResult]) -> float:
     """
     exact = [t.log10_p * LN10 for t in tests.values() if t.exact]
     return bonferroni_min(np.array(exact))
+
+
+def black_box_result(ranks: Sequence[int], slots: int, log10_p: float) -> TestResult:
+    return TestResult(
+        BLACK_BOX_TEST,
+        log10_p,
+        True,
+        float(np.sum(np.log(np.asarray(ranks, dtype=np.float64)))),
+        f"decoy rank among {slots} carriers per class, exact discrete combination "
+        "(black box: outputs only)",
+    )
 
 
 def _load_probe(probe: Sequence[str], limit: int | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -259,20 +274,31 @@ def verify_model(
     passphrase: PassphraseFn = lambda: None,
     pullback: bool = True,
     pullback_limit: int = 2000,
+    black_box: bool = False,
 ) -> VerifyResult:
-    """Test ``model_spec`` against every selected mark record; see the module docstring."""
-    from .marker import marker_identity
+    """Test ``model_spec`` against every selected mark record; see the module docstring.
+
+    With ``black_box`` the decoy-rank test runs on each record's verification kit; with
+    ``black_box`` and no ``probe`` it runs alone (the model's outputs are all it uses).
+    """
     from .models import load_model
 
     if not 0.0 < alpha < 1.0:
         raise UsageError("--alpha must be in (0, 1)")
-    if not probe:
+    if not probe and not black_box:
         raise UsageError(
-            "pass --probe SHARDS: clean images from the same distribution, never marked"
+            "pass --probe SHARDS: clean images from the same distribution, never marked "
+            "(or --black-box to use only the verification kits)"
         )
+    white = bool(probe)
     t0 = time.perf_counter()
     store = Keystore.open(keystore)
     selected = _records_for(store, key_ref, passphrase)
+    if black_box:  # a missing kit fails before any model is loaded
+        from .kit import kit_for
+
+        for rec, _key in selected:
+            kit_for(store, rec)
     suspect = load_model(model_spec, arch=arch, head=head, device=device)
     # Cheap checks first: a model that cannot fit a record fails before any feature extraction.
     for rec, _key in selected:
@@ -283,6 +309,102 @@ def verify_model(
                 f"record {address(rec.address)[:19]} has {c}: the model's classes do not match "
                 "the key's mark (pass --head NAME if another Linear layer is the classifier)"
             )
+    warnings: list[str] = []
+    white_results: dict[str, tuple[np.ndarray, dict[str, TestResult], Any]] = {}
+    n_probe = 0
+    if white:
+        white_results, n_probe = _white_box_tests(
+            suspect,
+            selected,
+            probe,
+            warnings,
+            marker_spec=marker_spec,
+            device=device,
+            probe_limit=probe_limit,
+            center=center,
+            batch_size=batch_size,
+            pullback=pullback,
+            pullback_limit=pullback_limit,
+        )
+    results: list[tuple[MarkRecord, np.ndarray, dict[str, TestResult], Any, Any]] = []
+    for rec, key in selected:
+        cos, tests, al = white_results.get(rec.address, (np.zeros(0), {}, None))
+        tests = dict(tests)
+        bb = None
+        if black_box:
+            from .kit import run_black_box
+            from .pullback import loaded_logits
+
+            bb = run_black_box(
+                loaded_logits(suspect), store, rec, key, device=device, batch_size=batch_size
+            )
+            tests[BLACK_BOX_TEST] = black_box_result(bb.ranks, bb.slots, bb.log10_p)
+        results.append((rec, cos, tests, al, bb))
+    combined = [combine_exact(r[2]) for r in results]
+    adjusted = holm_adjust(np.array(combined))
+    log_alpha = math.log(alpha)
+    out: list[KeyResult] = []
+    for (rec, cos, tests, al, bb), comb, adj in zip(results, combined, adjusted, strict=True):
+        d = int(rec.signed["dim"])
+        out.append(
+            KeyResult(
+                fingerprint=address(rec.fingerprint),
+                record=address(rec.address),
+                marker=rec.signed["marker"]["id"],
+                num_classes=int(rec.signed["num_classes"]),
+                dim=d,
+                cosines=[float(x) for x in cos],
+                class_log10_p=[float(x) / LN10 for x in log_cosine_sf(cos, d)] if cos.size else [],
+                tests=tests,
+                log10_p=comb / LN10,
+                log10_p_adjusted=float(adj) / LN10,
+                detected=bool(adj <= log_alpha),
+                alignment_r2=al.r2 if al is not None else None,
+                alignment_residual=al.relative_residual if al is not None else None,
+                alignment_warning=al.warning if al is not None else None,
+                black_box_ranks=bb.ranks if bb is not None else None,
+                black_box_slots=bb.slots if bb is not None else None,
+            )
+        )
+        if al is not None and al.warning and al.warning not in warnings:
+            warnings.append(al.warning)
+    if any(r.num_classes < LOW_POWER_CLASSES for r in out):
+        warnings.append(
+            f"only {min(r.num_classes for r in out)} classes: the white-box test has little power "
+            "with few classes, so 'not detected' is weak evidence of absence"
+        )
+    return VerifyResult(
+        model=suspect.source,
+        model_sha256=suspect.sha256,
+        arch=suspect.arch,
+        alpha=alpha,
+        detected=any(r.detected for r in out),
+        results=out,
+        probe_size=n_probe,
+        correction="holm" if len(out) > 1 else None,
+        warnings=warnings,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _white_box_tests(
+    suspect: Any,
+    selected: list[tuple[MarkRecord, SecretKey]],
+    probe: Sequence[str],
+    warnings: list[str],
+    *,
+    marker_spec: str | None,
+    device: str,
+    probe_limit: int | None,
+    center: bool,
+    batch_size: int,
+    pullback: bool,
+    pullback_limit: int,
+) -> tuple[dict[str, tuple[np.ndarray, dict[str, TestResult], Any]], int]:
+    """Per record address: cosines, the white-box (and pull-back) tests, the alignment."""
+    from .marker import marker_identity
+    from .models import load_model
+
     images, labels = _load_probe(probe, probe_limit)
     n_probe = int(images.shape[0])
     d_max = max(int(rec.signed["dim"]) for rec, _key in selected)
@@ -293,11 +415,10 @@ def verify_model(
         )
     f_s = _features(_gray_adapter(suspect), images, batch_size, device)
     w_s = suspect.weight().numpy()
-    warnings: list[str] = []
     markers: dict[str, tuple[np.ndarray, Any]] = {}
     marker_models: dict[str, Any] = {}
     directions: dict[tuple[str, int], np.ndarray] = {}
-    results: list[tuple[MarkRecord, np.ndarray, dict[str, TestResult], float, Any]] = []
+    out: dict[str, tuple[np.ndarray, dict[str, TestResult], Any]] = {}
     for rec, key in selected:
         m = rec.signed["marker"]
         if m["id"] not in markers:
@@ -333,7 +454,7 @@ def verify_model(
             )
         w_tilde = map_classifier(w_s, al)
         cos = np.sum(w_tilde * carriers.astype(np.float64), axis=1)
-        lp, tests, combined = white_box(cos, d)
+        _lp, tests, _combined = white_box(cos, d)
         if pullback:
             if (m["id"], c) not in directions:
                 directions[(m["id"], c)] = _pullback(
@@ -343,7 +464,6 @@ def verify_model(
             tests[PULLBACK_TEST] = pullback_test(
                 np.sum(v * carriers.astype(np.float64), axis=1), d, labelled=labels is not None
             )
-            combined = combine_exact(tests)
         if al.r2 < POOR_ALIGNMENT_R2:
             warning = (
                 f"alignment R² = {al.r2:.3g} is poor: the white-box test stays exact but has "
@@ -352,49 +472,8 @@ def verify_model(
             )
             if warning not in warnings:
                 warnings.append(warning)
-        results.append((rec, cos, tests, combined, al))
-    adjusted = holm_adjust(np.array([r[3] for r in results]))
-    log_alpha = math.log(alpha)
-    out: list[KeyResult] = []
-    for (rec, cos, tests, combined, al), adj in zip(results, adjusted, strict=True):
-        d = int(rec.signed["dim"])
-        out.append(
-            KeyResult(
-                fingerprint=address(rec.fingerprint),
-                record=address(rec.address),
-                marker=rec.signed["marker"]["id"],
-                num_classes=int(rec.signed["num_classes"]),
-                dim=d,
-                cosines=[float(x) for x in cos],
-                class_log10_p=[float(x) / LN10 for x in log_cosine_sf(cos, d)],
-                tests=tests,
-                log10_p=combined / LN10,
-                log10_p_adjusted=float(adj) / LN10,
-                detected=bool(adj <= log_alpha),
-                alignment_r2=al.r2,
-                alignment_residual=al.relative_residual,
-                alignment_warning=al.warning,
-            )
-        )
-        if al.warning and al.warning not in warnings:
-            warnings.append(al.warning)
-    if any(r.num_classes < LOW_POWER_CLASSES for r in out):
-        warnings.append(
-            f"only {min(r.num_classes for r in out)} classes: the white-box test has little power "
-            "with few classes, so 'not detected' is weak evidence of absence"
-        )
-    return VerifyResult(
-        model=suspect.source,
-        model_sha256=suspect.sha256,
-        arch=suspect.arch,
-        alpha=alpha,
-        detected=any(r.detected for r in out),
-        results=out,
-        probe_size=int(images.shape[0]),
-        correction="holm" if len(out) > 1 else None,
-        warnings=warnings,
-        seconds=time.perf_counter() - t0,
-    )
+        out[rec.address] = (cos, tests, al)
+    return out, n_probe
 
 
 def result_to_json(res: VerifyResult) -> dict[str, Any]:
@@ -430,6 +509,11 @@ def result_to_json(res: VerifyResult) -> dict[str, Any]:
                 "detected": r.detected,
                 "cosines": r.cosines,
                 "class_log10_p": r.class_log10_p,
+                "black_box": (
+                    None
+                    if r.black_box_ranks is None
+                    else {"ranks": r.black_box_ranks, "slots": r.black_box_slots}
+                ),
                 "alignment": {
                     "r2": r.alignment_r2,
                     "relative_residual": r.alignment_residual,

@@ -465,7 +465,12 @@ def detailed(run: dict[str, Any], img_dir: Path, doc_dir: Path) -> list[str]:
             "`combined` is the verdict (Bonferroni minimum over the exact tests), conservative by "
             "design: for it only validity is tested (fraction below 0.01 under the binomial upper "
             "bound, one-sided KS for too many small p-values). `white_box_zscore` is a normal "
-            "approximation, reported for information and never used in a verdict.",
+            "approximation, reported for information and never used in a verdict. "
+            "`black_box_rank[RUN kit, T fixed]` is the black-box test's null conditional on the "
+            "clean suspect's outputs on that run's kit: the true slots of fresh random keys are "
+            "drawn and the test run as verify runs it (marking a new kit for each of 1000 keys "
+            "is too costly here; the whole pipeline over 200 real keys is a CI test). Ranks are "
+            "discrete, so it too is judged for validity only.",
             "",
         ]
         rows = []

@@ -6,14 +6,22 @@ per slot s = 0..K with the procedure of the mark record, class c's images pushed
 carrier for c. One slot per class, π_c, holds the true carrier; the others hold decoys; π_c is
 drawn from the key, uniform and independent of everything else, and is never written anywhere.
 
-At verification, for every slot and class the statistic is the suspect's mean centred logit of
+At verification, for every slot and class, a model's response is its mean centred logit of
 class c (z_c − mean_j z_j) over the kit's class-c images marked with that slot:
 
     T_c(s) = mean_{i: y_i = c} [z_c(x̃_{s,i}) − mean_j z_j(x̃_{s,i})]
 
-and the class's rank is r_c = 1 + #{s ≠ π_c : T_c(s) ≥ T_c(π_c)} (ties count against us).
-Why it is exact: under H0 the slot carriers are i.i.d. and π_c is uniform and independent of
-them, so r_c is uniform on {1..K+1} (or stochastically larger with ties) whatever the model is;
+Most of T's variation across slots is common to every model trained on the same kind of data (a
+given carrier's perturbation happens to look more or less like class c), so it is removed with a
+reference that is independent of the key: the marking network itself (trained on clean data before
+the key existed). Per class, the suspect's T is regressed on the marker's over the slots and the
+residual R_c(s) = (T_c(s) − mean) − b_c (T^ref_c(s) − mean) is the score (b_c by least squares over
+all slots, a symmetric function of them). The class's rank is r_c = 1 + #{s ≠ π_c : R_c(s) ≥
+R_c(π_c)} (ties count against us).
+Why it is exact: under H0 the slot carriers are i.i.d. whatever π is (true and decoy carriers
+are drawn alike), so the suspect's and the reference's responses (T, T^ref) are independent of π,
+and so is any score computed from them; π_c is uniform, so the rank of the score at π_c is uniform
+on {1..K+1} (or stochastically larger with ties) whatever the model is;
 the paired test across images with one decoy set (method.md, "Trap, measured") is invalid
 because the images share the carrier draw — here the carrier draw is the unit. Classes use
 disjoint, independent draws, so ranks are independent across classes and are combined with their
@@ -47,7 +55,10 @@ from .keystore import KIT_RECORD_TYPE, Keystore, MarkRecord
 from .stats import LN10, rank_log_sf
 
 KIT_FORMAT = "radmark-kit-v1"
-STATISTIC = "mean centred logit of the class over its kit images"
+STATISTIC = (
+    "mean centred logit of the class over its kit images, residual of a per-class least-squares "
+    "fit on the marker's over the slots"
+)
 BLACK_BOX_TEST = "black_box_rank"
 DEFAULT_DECOYS = 39
 DEFAULT_PER_CLASS = 10
@@ -417,6 +428,19 @@ def slot_statistics(
     return out
 
 
+def residualise(stats: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per class (column): the slots' T minus its least-squares fit on the reference's T.
+
+    Symmetric in the slots, and the reference never sees the key, so the residual is independent
+    of the true slot under H0 (module docstring): the test stays exact for any reference.
+    """
+    y = stats - stats.mean(axis=0, keepdims=True)
+    x = reference - reference.mean(axis=0, keepdims=True)
+    xx = np.sum(x * x, axis=0)
+    b = np.where(xx > 0, np.sum(x * y, axis=0) / np.where(xx > 0, xx, 1.0), 0.0)
+    return y - b * x
+
+
 def black_box_test(stats: np.ndarray, pi: np.ndarray) -> BlackBoxResult:
     """Ranks of the true slots and their exact combined p (see the module docstring)."""
     s, c = stats.shape
@@ -432,6 +456,7 @@ def black_box_test(stats: np.ndarray, pi: np.ndarray) -> BlackBoxResult:
 
 def run_black_box(
     logits_fn: Callable[[Any], Any],
+    reference_fn: Callable[[Any], Any] | None,
     store: Keystore,
     record: MarkRecord,
     key: SecretKey,
@@ -439,11 +464,17 @@ def run_black_box(
     device: str = "cpu",
     batch_size: int = 256,
 ) -> BlackBoxResult:
-    """Load the record's kit, evaluate the suspect's outputs on it, rank the true slots."""
+    """Load the record's kit, evaluate the suspect's outputs on it, rank the true slots.
+
+    ``reference_fn``: logits of a model independent of the key (the marker); None for the raw T.
+    """
     kit = load_kit(store, kit_for(store, record))
     c = int(record.signed["num_classes"])
     if int(kit.labels.min()) < 0 or int(kit.labels.max()) >= c:
         raise IntegrityError("the kit's labels do not match its mark record's classes")
     pi = true_slots(key, record.address, c, kit.slots)
     stats = slot_statistics(logits_fn, kit, c, device=device, batch_size=batch_size)
+    if reference_fn is not None:
+        ref = slot_statistics(reference_fn, kit, c, device=device, batch_size=batch_size)
+        stats = residualise(stats, ref)
     return black_box_test(stats, pi)

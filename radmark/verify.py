@@ -311,6 +311,7 @@ def verify_model(
             )
     warnings: list[str] = []
     white_results: dict[str, tuple[np.ndarray, dict[str, TestResult], Any]] = {}
+    marker_models: dict[str, Any] = {}
     n_probe = 0
     if white:
         white_results, n_probe = _white_box_tests(
@@ -318,6 +319,7 @@ def verify_model(
             selected,
             probe,
             warnings,
+            marker_models,
             marker_spec=marker_spec,
             device=device,
             probe_limit=probe_limit,
@@ -335,8 +337,15 @@ def verify_model(
             from .kit import run_black_box
             from .pullback import loaded_logits
 
+            marker = _marker_for(rec, marker_spec, device, marker_models)
             bb = run_black_box(
-                loaded_logits(suspect), store, rec, key, device=device, batch_size=batch_size
+                loaded_logits(suspect),
+                loaded_logits(marker),
+                store,
+                rec,
+                key,
+                device=device,
+                batch_size=batch_size,
             )
             tests[BLACK_BOX_TEST] = black_box_result(bb.ranks, bb.slots, bb.log10_p)
         results.append((rec, cos, tests, al, bb))
@@ -387,11 +396,46 @@ def verify_model(
     )
 
 
+def _marker_for(
+    rec: MarkRecord, marker_spec: str | None, device: str, cache: dict[str, Any]
+) -> Any:
+    """The record's marking network (from --marker or the record), its identity checked."""
+    from .marker import marker_identity
+    from .models import load_model
+
+    m = rec.signed["marker"]
+    if m["id"] in cache:
+        return cache[m["id"]]
+    spec = marker_spec or m.get("source")
+    if not spec:
+        raise UsageError(
+            f"mark record {address(rec.address)} does not say where its marker "
+            "is: pass --marker FILE.safetensors"
+        )
+    try:
+        marker = load_model(spec, device=device)
+    except ModelError as exc:
+        if marker_spec is not None:
+            raise
+        raise ModelError(
+            f"the marker recorded in mark record {address(rec.address)[:19]}: "
+            f"{exc.message}; pass --marker FILE if it moved"
+        ) from None
+    if marker_identity(marker.name, marker.sha256) != m["id"]:
+        raise ModelError(
+            f"marker {spec} is {marker_identity(marker.name, marker.sha256)}, "
+            f"but the mark was made with {m['id']}"
+        )
+    cache[m["id"]] = marker
+    return marker
+
+
 def _white_box_tests(
     suspect: Any,
     selected: list[tuple[MarkRecord, SecretKey]],
     probe: Sequence[str],
     warnings: list[str],
+    marker_models: dict[str, Any],
     *,
     marker_spec: str | None,
     device: str,
@@ -402,9 +446,6 @@ def _white_box_tests(
     pullback_limit: int,
 ) -> tuple[dict[str, tuple[np.ndarray, dict[str, TestResult], Any]], int]:
     """Per record address: cosines, the white-box (and pull-back) tests, the alignment."""
-    from .marker import marker_identity
-    from .models import load_model
-
     images, labels = _load_probe(probe, probe_limit)
     n_probe = int(images.shape[0])
     d_max = max(int(rec.signed["dim"]) for rec, _key in selected)
@@ -416,35 +457,14 @@ def _white_box_tests(
     f_s = _features(_gray_adapter(suspect), images, batch_size, device)
     w_s = suspect.weight().numpy()
     markers: dict[str, tuple[np.ndarray, Any]] = {}
-    marker_models: dict[str, Any] = {}
     directions: dict[tuple[str, int], np.ndarray] = {}
     out: dict[str, tuple[np.ndarray, dict[str, TestResult], Any]] = {}
     for rec, key in selected:
         m = rec.signed["marker"]
         if m["id"] not in markers:
-            spec = marker_spec or m.get("source")
-            if not spec:
-                raise UsageError(
-                    f"mark record {address(rec.address)} does not say where its marker "
-                    "is: pass --marker FILE.safetensors"
-                )
-            try:
-                marker = load_model(spec, device=device)
-            except ModelError as exc:
-                if marker_spec is not None:
-                    raise
-                raise ModelError(
-                    f"the marker recorded in mark record {address(rec.address)[:19]}: "
-                    f"{exc.message}; pass --marker FILE if it moved"
-                ) from None
-            if marker_identity(marker.name, marker.sha256) != m["id"]:
-                raise ModelError(
-                    f"marker {spec} is {marker_identity(marker.name, marker.sha256)}, "
-                    f"but the mark was made with {m['id']}"
-                )
+            marker = _marker_for(rec, marker_spec, device, marker_models)
             f_m = _features(_gray_adapter(marker), images, batch_size, device)
             markers[m["id"]] = (f_m, fit_alignment(f_m, f_s, center=center))
-            marker_models[m["id"]] = marker
         f_m, al = markers[m["id"]]
         d, c = int(rec.signed["dim"]), int(rec.signed["num_classes"])
         carriers = derive_carriers(key.carrier_seed(), d, c, m["id"])

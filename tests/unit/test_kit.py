@@ -22,12 +22,14 @@ from radmark.kit import (
     black_box_test,
     decoy_carriers,
     mark_kit_images,
+    residualise,
     slot_carriers,
     slot_statistics,
     true_slots,
 )
 from radmark.marking import get_preset
 from radmark.models import build_model, load_model
+from radmark.pullback import loaded_logits
 from radmark.stats import LN10, rank_log_sf
 from tests.factories import fmnist, make_marker
 
@@ -142,7 +144,9 @@ def test_null_calibration_over_200_keys(nets) -> None:
     """A model that never saw any key: P(p <= a) <= a (binomial 99.9% slack) at every level."""
     marker, clean_model, images, labels = nets
     params = get_preset("default", steps=2)
-    ps = []
+    ref = loaded_logits(marker)  # the verify-time reference: the marker's own logits
+    ps: list[float] = []
+    raw: list[float] = []
     torch.set_num_threads(1)
     one = np.concatenate([np.flatnonzero(labels == c)[:1] for c in range(C)])
     images, labels = images[one], labels[one]
@@ -153,15 +157,18 @@ def test_null_calibration_over_200_keys(nets) -> None:
         from radmark.kit import Kit
 
         kit = Kit(record={}, address="", clean=images, labels=labels, marked=marked)
-        ps.append(black_box_test(slot_statistics(_logits(clean_model), kit, C), pi).log10_p)
-    p = 10.0 ** np.array(ps)
-    n = len(p)
-    for a in (0.01, 0.05, 0.2, 0.5):
-        frac = float(np.mean(p <= a))
-        slack = 3.3 * np.sqrt(a * (1 - a) / n)
-        assert frac <= a + slack, (a, frac)
-    # Not degenerate: the p-values spread over (0, 1] (exact up to discreteness).
-    assert np.mean(p <= 0.5) >= 0.3 and np.mean(p <= 0.2) >= 0.08
+        t = residualise(slot_statistics(_logits(clean_model), kit, C), slot_statistics(ref, kit, C))
+        ps.append(black_box_test(t, pi).log10_p)
+        raw.append(black_box_test(slot_statistics(_logits(clean_model), kit, C), pi).log10_p)
+    for lp in (ps, raw):  # the verify statistic (reference residual) and the raw one
+        p = 10.0 ** np.array(lp)
+        n = len(p)
+        for a in (0.01, 0.05, 0.2, 0.5):
+            frac = float(np.mean(p <= a))
+            slack = 3.3 * np.sqrt(a * (1 - a) / n)
+            assert frac <= a + slack, (a, frac)
+        # Not degenerate: the p-values spread over (0, 1] (exact up to discreteness).
+        assert np.mean(p <= 0.5) >= 0.3 and np.mean(p <= 0.2) >= 0.08
 
 
 def test_power_on_a_model_that_reads_the_carriers(nets) -> None:
@@ -185,6 +192,24 @@ def test_power_on_a_model_that_reads_the_carriers(nets) -> None:
     res = black_box_test(slot_statistics(reads, kit, C), pi)
     assert sum(r == 1 for r in res.ranks) >= 8, res.ranks
     assert res.log10_p < -6
+    # The reference residual keeps that evidence (the marker's own head does not read u).
+    adj = black_box_test(
+        residualise(slot_statistics(reads, kit, C), slot_statistics(loaded_logits(marker), kit, C)),
+        pi,
+    )
+    assert adj.log10_p < -6, adj.ranks
+
+
+def test_residualise_is_symmetric_in_the_slots_and_removes_the_reference() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(12, 4))
+    own = rng.normal(size=(12, 4))
+    t = 3.0 * ref + 0.1 * own
+    r = residualise(t, ref)
+    perm = rng.permutation(12)
+    np.testing.assert_allclose(residualise(t[perm], ref[perm]), r[perm], atol=1e-12)
+    np.testing.assert_allclose(np.sum(r * (ref - ref.mean(0)), axis=0), 0.0, atol=1e-9)
+    assert np.allclose(residualise(t, np.zeros_like(ref)), t - t.mean(0))
 
 
 def test_marking_is_the_same_function_for_every_slot(nets) -> None:

@@ -287,41 +287,43 @@ def plot_detection(run: dict[str, Any], path: Path) -> None:
     for e in run.get("suspects", []):
         if e["suspect"] not in suspects:
             suspects.append(e["suspect"])
+
+    def variant(name: str) -> str:
+        """The run's marking variant ('default' or its preset/overrides); control joins all."""
+        return run_label(run, name).partition(" (")[2].rstrip(")") or "default"
+
+    variants = ["default"] + [
+        v for v in dict.fromkeys(variant(r["name"]) for r in run.get("runs", [])) if v != "default"
+    ]
+    shapes = "osx^Dv*"
     for i, s in enumerate(suspects):
-        xs, ys = [], []
-        for e in run["suspects"]:
-            if e["suspect"] != s:
-                continue
-            keys = e["verify"].values()
-            for v in keys:
-                if "error" in v:
+        for j, var in enumerate(variants):
+            xs, ys = [], []
+            for e in run["suspects"]:
+                if e["suspect"] != s:
                     continue
-                xs.append(100 * e["fraction"])
-                ys.append(v["log10_p"])
-        color = f"C{i}"
-        ax.scatter(xs, ys, color=color, label=s, zorder=3)
-        means: dict[float, list[float]] = {}
-        for x, y in zip(xs, ys, strict=True):
-            means.setdefault(x, []).append(y)
-        mx = sorted(means)
-        ax.plot(mx, [sum(means[x]) / len(means[x]) for x in mx], color=color, alpha=0.6)
-    for r in run.get("runs", []):
-        if "radius" in r or "steps" in r:
-            ax.annotate(
-                run_label(run, r["name"]),
-                xy=(100 * r["fraction"], 0.97),
-                xycoords=("data", "axes fraction"),
-                fontsize=7,
-                rotation=90,
-                va="top",
-                ha="right",
-            )
+                for key, v in e["verify"].items():
+                    if "error" in v or variant(key) != var:
+                        continue
+                    xs.append(100 * e["fraction"])
+                    ys.append(v["log10_p"])
+            if not xs:
+                continue
+            color = f"C{i}"
+            label = s if var == "default" else f"{s}, {var}"
+            ax.scatter(xs, ys, color=color, marker=shapes[j % len(shapes)], label=label, zorder=3)
+            means: dict[float, list[float]] = {}
+            for x, y in zip(xs, ys, strict=True):
+                means.setdefault(x, []).append(y)
+            mx = sorted(means)
+            ls = "-" if var == "default" else ":"
+            ax.plot(mx, [sum(means[x]) / len(means[x]) for x in mx], color=color, alpha=0.6, ls=ls)
     ax.axhline(ALPHA_LOG10, color="grey", ls="--", lw=1, label="α = 1e-3")
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xlabel("marked fraction q (%) — 0 = control (clean data, tested with each key)")
-    ax.set_ylabel("combined log10 p (white-box Fisher)")
+    ax.set_ylabel("combined log10 p (the verdict)")
     ax.set_title(f"{run['run_id']} — {run['device']}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

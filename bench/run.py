@@ -52,6 +52,10 @@ QUICK: dict[str, Any] = {
         # that is guaranteed) and only 10 steps to fit the CPU budget. Shows what the tests can see
         # when the whole training set carries the mark.
         {"name": "q100_r8", "fraction": 1.0, "preset": "default", "radius": 8, "steps": 10},
+        # The same image energy budget (PSNR >= 42 dB per image) as an L2 ball with an L-inf cap
+        # of 8 levels: compared with the default at equal fractions.
+        {"name": "q10_psnr42", "fraction": 0.10, "preset": "psnr42"},
+        {"name": "q100_psnr42", "fraction": 1.0, "preset": "psnr42"},
     ],
     "null_keys": 1000,
     # verification kits for the black-box test: K decoys per class, kit images per class
@@ -61,7 +65,8 @@ QUICK: dict[str, Any] = {
     "deviations": [
         "2,000 train / 2,000 test images (class-balanced subset), not 60k / 10k",
         "marker: smallcnn (128-d features), not ResNet-18",
-        "q in {10%, 100%, 100% with radius 8 and 10 steps}, not {1, 2, 5, 10, 20}%",
+        "q in {10%, 100%, 100% with radius 8 and 10 steps, 10% and 100% with the psnr42 "
+        "preset}, not {1, 2, 5, 10, 20}%",
         "suspects: smallcnn and the linear probe only; no cross-architecture suspect "
         "(MobileNetV2 / ResNet-18 train at tens of images/s on 2 CPU cores)",
         "no 224x224 throughput against the roofline (needs a GPU)",
@@ -88,6 +93,8 @@ FULL: dict[str, Any] = {
         {"name": "q10", "fraction": 0.10, "preset": "default"},
         {"name": "q10_s2", "fraction": 0.10, "preset": "default", "seed_offset": 10},
         {"name": "q20", "fraction": 0.20, "preset": "default"},
+        {"name": "q1_psnr42", "fraction": 0.01, "preset": "psnr42"},
+        {"name": "q10_psnr42", "fraction": 0.10, "preset": "psnr42"},
     ],
     "null_keys": 1000,
     "kit": {"decoys": 39, "per_class": 10},

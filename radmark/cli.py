@@ -279,7 +279,11 @@ def mark(
     ] = None,
     preset: Annotated[
         str,
-        typer.Option("--preset", help="Marking parameters: 'default' (PSNR >= 42 dB) or 'paper'."),
+        typer.Option(
+            "--preset",
+            help="Marking parameters: 'default' (L-inf 2: PSNR >= 42 dB), 'psnr42' (per-image "
+            "PSNR >= 42 dB budget, L-inf 8) or 'paper'.",
+        ),
     ] = "default",
     steps: Annotated[
         int | None, typer.Option("--steps", help="Override the preset's optimisation steps.")
@@ -287,6 +291,10 @@ def mark(
     radius: Annotated[
         float | None,
         typer.Option("--radius", help="Override the preset's L-infinity radius, in pixel levels."),
+    ] = None,
+    psnr_floor: Annotated[
+        float | None,
+        typer.Option("--psnr-floor", help="Per-image PSNR budget in dB (an L2 bound on the mark)."),
     ] = None,
     num_classes: Annotated[
         int | None,
@@ -319,6 +327,8 @@ def mark(
         overrides["steps"] = steps
     if radius is not None:
         overrides["radius"] = radius
+    if psnr_floor is not None:
+        overrides["psnr_floor"] = psnr_floor
     secret, record = load_secret_key(keystore, key, _passphrase_fn())
     options = MarkOptions(
         fraction=fraction,
@@ -383,6 +393,7 @@ def mark(
                 "psnr_mean": result.psnr_mean,
                 "psnr_min": result.psnr_min,
                 "linf_max": result.linf_max,
+                "feature_cos_mean": _weighted_cos(result.shards),
                 "images_per_s": result.images_per_s,
                 "seconds": result.seconds,
                 "marker": result.marker,
@@ -424,6 +435,13 @@ def mark(
     )
     err.print(f"mark record: {result.record}")
     typer.echo(result.record)
+
+
+def _weighted_cos(shards: list[Any]) -> float | None:
+    """Mean cosine of the marker's feature shift with the carrier over all marked images."""
+    pairs = [(r.marked, r.feature_cos_mean) for r in shards if r.feature_cos_mean is not None]
+    n = sum(m for m, _ in pairs)
+    return sum(m * c for m, c in pairs) / n if n else None
 
 
 @_command(marker_app, "train")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -82,6 +82,11 @@ class MarkingParams:
         flip: whether t flips horizontally with probability 0.5.
         round_every: round x̃ to integer levels every N steps (0 = only at the end); rounding
             during optimisation lets the optimiser compensate for the quantisation.
+        psnr_floor: if set, a per-image L2 budget: after every step δ is projected onto the ball
+            where PSNR ≥ psnr_floor dB, and the final integer image is shrunk until it holds.
+            With a looser L∞ ``radius`` this spends the same image energy where φ is most
+            sensitive instead of spreading it evenly (for a linear φ the best L2-bounded move
+            along u beats the best L∞-bounded one of equal PSNR by √N‖g‖₂/‖g‖₁ ≥ 1).
     """
 
     name: str
@@ -94,6 +99,7 @@ class MarkingParams:
     crop_scale: tuple[float, float]
     flip: bool
     round_every: int
+    psnr_floor: float | None = None
 
     def __post_init__(self) -> None:
         # Normalise JSON-shaped input (lists, ints) so equal parameters compare and hash equal.
@@ -140,11 +146,17 @@ class MarkingParams:
             or self.round_every < 0
         ):
             raise UsageError(f"round_every must be an integer >= 0, got {self.round_every!r}")
+        if self.psnr_floor is not None and (
+            not _finite(self.psnr_floor) or not 20.0 <= self.psnr_floor <= 80.0
+        ):
+            raise UsageError(f"psnr_floor must be in [20, 80] dB, got {self.psnr_floor!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of all fields (crop_scale as a list), plus the unit reference NORM_STD."""
         out = asdict(self)
         out["crop_scale"] = list(self.crop_scale)
+        if out["psnr_floor"] is None:  # absent = no L2 budget: records made before it existed
+            del out["psnr_floor"]
         out["norm_std"] = NORM_STD
         return out
 
@@ -155,7 +167,8 @@ class MarkingParams:
         extra = set(data) - names - {"norm_std"}
         if extra:
             raise UsageError(f"unknown marking parameter(s): {', '.join(sorted(extra))}")
-        missing = names - set(data)
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
+        missing = names - optional - set(data)
         if missing:
             raise UsageError(f"missing marking parameter(s): {', '.join(sorted(missing))}")
         if "norm_std" in data and data["norm_std"] != NORM_STD:
@@ -163,7 +176,7 @@ class MarkingParams:
                 f"marking parameters use norm_std {data['norm_std']!r}, "
                 f"this version uses {NORM_STD}"
             )
-        return cls(**{k: data[k] for k in names})
+        return cls(**{k: data[k] for k in names if k in data})
 
 
 PRESETS: dict[str, MarkingParams] = {
@@ -196,6 +209,21 @@ PRESETS: dict[str, MarkingParams] = {
         crop_scale=(0.5, 1.0),
         flip=True,
         round_every=0,
+    ),
+    # The same image energy as a PSNR of 42 dB (the paper's level), spent where the marker is most
+    # sensitive: a per-image L2 budget (PSNR >= 42 dB guaranteed per image) with a looser L∞ cap.
+    "psnr42": MarkingParams(
+        name="psnr42",
+        steps=100,
+        optimizer="adam",
+        lr=0.01,
+        lambda_ft=0.01,
+        lambda_img=0.0,
+        radius=8.0,
+        crop_scale=(0.5, 1.0),
+        flip=True,
+        round_every=0,
+        psnr_floor=42.0,
     ),
 }
 
@@ -275,6 +303,39 @@ def _project(x_new: torch.Tensor, x01: torch.Tensor, radius: float) -> torch.Ten
     """
     r = radius / 255.0
     return torch.minimum(torch.maximum(x_new, x01 - r), x01 + r).clamp(0.0, 1.0)
+
+
+def _project_l2(x_new: torch.Tensor, x01: torch.Tensor, psnr_floor: float) -> torch.Tensor:
+    """Shrink each image's δ = x_new − x01 onto the L2 ball where PSNR ≥ psnr_floor.
+
+    Scaling δ by a factor ≤ 1 keeps the L∞ ball and the [0, 1] range (a convex combination of
+    two points inside both), so it composes with :func:`_project`.
+    """
+    delta = x_new - x01
+    n = delta[0].numel()
+    max_norm = 10.0 ** (-psnr_floor / 20.0) * math.sqrt(n)  # rmse bound in [0, 1] units × √N
+    norm = torch.linalg.vector_norm(delta.flatten(1), dim=1).clamp_min(1e-12)
+    scale = (max_norm / norm).clamp(max=1.0).view(-1, 1, 1, 1)
+    return x01 + delta * scale
+
+
+def _enforce_psnr(
+    marked_lv: torch.Tensor, orig_lv: torch.Tensor, psnr_floor: float
+) -> torch.Tensor:
+    """Integer images whose PSNR is ≥ psnr_floor exactly: shrink violators until they comply.
+
+    Rounding can push an image just past the budget; truncating 0.95·δ strictly lowers every
+    non-zero |δ|, so the loop ends (at worst at δ = 0).
+    """
+    n = marked_lv[0].numel()
+    max_sse = n * (255.0**2) * 10.0 ** (-psnr_floor / 10.0)
+    out = marked_lv.clone()
+    while True:
+        delta = out.to(torch.float64) - orig_lv.to(torch.float64)
+        bad = delta.square().flatten(1).sum(dim=1) > max_sse
+        if not bool(bad.any()):
+            return out
+        out[bad] = (orig_lv.to(torch.float64)[bad] + torch.trunc(delta[bad] * 0.95)).to(out.dtype)
 
 
 def _random_views(
@@ -433,12 +494,16 @@ def mark_batch(
             opt.step()
             with torch.no_grad():
                 x_new = _project(x01 + z * NORM_STD, x01, params.radius)
+                if params.psnr_floor is not None:
+                    x_new = _project_l2(x_new, x01, params.psnr_floor)
                 if params.round_every and step % params.round_every == 0:
                     x_new = _round_levels(x_new * 255.0, x_lv, params.radius) / 255.0
                 z.copy_((x_new - x01) / NORM_STD)
 
         with torch.no_grad():
             final_lv = _round_levels((x01 + z * NORM_STD) * 255.0, x_lv, params.radius)
+            if params.psnr_floor is not None:
+                final_lv = _enforce_psnr(final_lv, x_lv, params.psnr_floor)
             marked = final_lv.to(torch.uint8)
             shift = phi(final_lv / 255.0) - f0
             cos = F.cosine_similarity(shift, u, dim=1, eps=1e-12).to(torch.float32)

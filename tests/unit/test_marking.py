@@ -390,3 +390,60 @@ def test_psnr_helper() -> None:
     assert out.dtype == torch.float64
     assert out[0].item() == pytest.approx(20.0 * math.log10(255.0))
     assert math.isinf(out[1].item()) and out[1].item() > 0
+
+
+# --- the per-image PSNR budget (psnr_floor) -------------------------------------------------
+
+
+def test_psnr_floor_holds_per_image_and_spends_the_budget(net: nn.Module) -> None:
+    params = get_preset("psnr42", steps=20)
+    imgs, res = _run(net, params)
+    diff = (res.images.to(torch.int64) - imgs.to(torch.int64)).abs()
+    assert int(diff.max()) <= params.radius
+    assert bool((res.psnr >= 42.0).all()), res.psnr
+    assert float(res.psnr.min()) < 43.0  # the budget is used, not wasted
+    assert int(diff.max()) > 2  # energy concentrated beyond the default's L∞ of 2
+
+
+def test_enforce_psnr_shrinks_only_violators_and_terminates() -> None:
+    from radmark.marking import _enforce_psnr
+
+    orig = torch.full((3, 1, 8, 8), 100.0)
+    marked = orig.clone()
+    marked[0] += 8.0  # PSNR 30.1 dB: must shrink
+    marked[1, 0, 0, 0] += 1.0  # PSNR 66 dB: untouched
+    marked[2] -= torch.arange(64.0).view(8, 8) % 9  # mixed signs and sizes
+    out = _enforce_psnr(marked, orig, 42.0)
+    mse = (out - orig).double().square().mean(dim=(1, 2, 3))
+    assert bool((10 * torch.log10(255.0**2 / mse.clamp_min(1e-300)) >= 42.0).all())
+    assert torch.equal(out[1], marked[1])
+    assert torch.equal(out, torch.round(out))
+    assert bool(((out - orig).abs() <= (marked - orig).abs()).all())
+
+
+def test_project_l2_keeps_linf_and_range() -> None:
+    from radmark.marking import _project_l2
+
+    x01 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_new = (
+        x01 + 0.03 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    ).clamp(0, 1)
+    out = _project_l2(x_new, x01, 42.0)
+    rmse = (out - x01).square().mean(dim=(1, 2, 3)).sqrt()
+    assert bool((rmse <= 10 ** (-42 / 20) * (1 + 1e-5)).all())  # float32
+    assert bool(((out - x01).abs() <= (x_new - x01).abs() + 1e-12).all())
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_psnr_floor_round_trips_and_old_records_still_load() -> None:
+    p = PRESETS["psnr42"]
+    assert MarkingParams.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    old = PRESETS["default"].to_dict()
+    assert "psnr_floor" not in old  # records of presets without a budget are unchanged
+    assert MarkingParams.from_dict(old).psnr_floor is None
+
+
+@pytest.mark.parametrize("bad", [10.0, 99.0, float("nan"), "42"])
+def test_invalid_psnr_floor_raises(bad: object) -> None:
+    with pytest.raises(UsageError):
+        get_preset("default", psnr_floor=bad)

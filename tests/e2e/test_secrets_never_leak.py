@@ -25,7 +25,8 @@ def _needles(key_file: Path, marker: Path) -> list[bytes]:
     carriers = derive_carriers(key.carrier_seed(), m.dim, 10, f"{m.name}@sha256:{m.sha256}")
     raw_sk = key.signing_key().private_bytes_raw()
     out: list[bytes] = []
-    for blob in (key.secret_bytes(), key.carrier_seed(), key.selection_seed(), raw_sk):
+    seeds = (key.carrier_seed(), key.selection_seed(), key.decoy_seed(), key.kit_slot_seed())
+    for blob in (key.secret_bytes(), *seeds, raw_sk):
         out += [blob, blob.hex().encode(), base64.b64encode(blob), blob[:12]]
     out.append(np.ascontiguousarray(carriers, "<f4").tobytes()[:64])
     for v in carriers[:3, :3].ravel():  # values as a report or JSON would print them
@@ -98,6 +99,18 @@ def test_full_run_outputs_contain_no_secret(tmp_path: Path) -> None:
         assert res.returncode in (0, 1, 2), res.stderr
         assert b"Traceback" not in res.stderr, res.stderr.decode()
         outputs += [res.stdout, res.stderr]
+    # the black-box test: a verification kit, then verification with it
+    marks = json.loads(_run("keys", "list", "--json", env=env).stdout)["entries"]
+    record = next(e["address"] for e in marks if e["kind"] == "mark")
+    for args in (
+        ("kit", "build", record, "--probe", str(tmp_path / "probe"), "--decoys", "3",
+         "--per-class", "2", "--json"),
+        ("verify", str(marker), "--black-box", "--key", record, "--json"),
+        ("verify", str(marker), "--black-box", "--key", record),
+    ):  # fmt: skip
+        res = _run(*args, env=env)
+        assert res.returncode in (0, 1), res.stderr
+        outputs += [res.stdout, res.stderr]
     written = [
         p for p in tmp_path.rglob("*") if p.is_file() and "secrets" not in p.parts and p != key_file
     ]
@@ -109,4 +122,4 @@ def test_full_run_outputs_contain_no_secret(tmp_path: Path) -> None:
     # sanity: the needles would be found where they do live
     assert any(n in key_file.read_bytes() for n in needles)
     rec = json.loads(_run("keys", "list", "--json", env=env).stdout)["entries"]
-    assert {e["kind"] for e in rec} == {"key", "mark"}
+    assert {e["kind"] for e in rec} == {"key", "mark", "kit"}

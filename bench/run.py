@@ -246,6 +246,7 @@ def null_calibration(
     from radmark.carriers import derive_carriers
     from radmark.keys import SecretKey
     from radmark.models import load_model
+    from radmark.pullback import residual_cosines
     from radmark.verify import (
         _features,
         _gray_adapter,
@@ -267,6 +268,7 @@ def null_calibration(
     d, c = f_m.shape[1], w_tilde.shape[0]
     # the pull-back directions, as verify computes them (default probe limit 2000)
     v = _pullback(suspect, marker, images, labels, c, 2000, device)
+    v_ref = _pullback(marker, marker, images, labels, c, 2000, device)
     setup_s = time.perf_counter() - t0
     logs: dict[str, list[float]] = {}
     t1 = time.perf_counter()
@@ -276,7 +278,7 @@ def null_calibration(
         cos = np.sum(w_tilde * carriers.astype(np.float64), axis=1)
         _, tests, _ = white_box(cos, d)
         tests["pullback_fisher"] = pullback_test(
-            np.sum(v * carriers.astype(np.float64), axis=1), d, labelled=labels is not None
+            residual_cosines(v, v_ref, carriers), d - 1, labelled=labels is not None
         )
         for name, t in tests.items():
             logs.setdefault(name, []).append(float(t.log10_p))

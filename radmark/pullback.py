@@ -111,3 +111,28 @@ def loaded_logits(model: Any) -> Callable[[Any], Any]:
         return model.model((x - mean) / std)
 
     return fn
+
+
+def residual_cosines(v: np.ndarray, v_ref: np.ndarray, carriers: np.ndarray) -> np.ndarray:
+    """Per class, cos(P_k v_k, P_k u_k) with P_k removing the reference's own direction v_ref_k.
+
+    v, v_ref: float [C, d] pull-back directions of the suspect and of a model that never saw the
+    key (the marker itself); carriers: [C, d]. Much of v_k is what any model trained on this data
+    does for class k (shared with v_ref_k) and is noise for the test; removing it leaves the part
+    that can carry the mark. Exact: P_k depends only on the marker and clean probe images, so under
+    H0 P_k u_k / ‖P_k u_k‖ is uniform on the unit sphere of a (d−1)-dimensional space and the
+    cosine has the usual null with d−1 in place of d. A class whose residual vanishes (the
+    suspect *is* the reference) gets cosine −1: p = 1, no evidence.
+    """
+    u = carriers.astype(np.float64)
+    out = np.empty(v.shape[0])
+    for k in range(v.shape[0]):
+        r = v_ref[k] / max(float(np.linalg.norm(v_ref[k])), 1e-300)
+        a = v[k] - (v[k] @ r) * r
+        b = u[k] - (u[k] @ r) * r
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        if na <= 1e-9 * max(float(np.linalg.norm(v[k])), 1e-300) or nb == 0.0:
+            out[k] = -1.0
+        else:
+            out[k] = float(np.clip(a @ b / (na * nb), -1.0, 1.0))
+    return out

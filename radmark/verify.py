@@ -33,6 +33,7 @@ from .keyops import is_key_file
 from .keys import SecretKey
 from .keystore import Keystore, MarkRecord, PassphraseFn, load_keyfile
 from .kit import BLACK_BOX_TEST
+from .pullback import residual_cosines
 from .stats import (
     LN10,
     bonferroni_min,
@@ -144,7 +145,10 @@ def white_box(cosines: np.ndarray, d: int) -> tuple[np.ndarray, dict[str, TestRe
 
 
 def pullback_test(cosines: np.ndarray, d: int, *, labelled: bool) -> TestResult:
-    """Fisher over the per-class exact tails of cos(v_k, u_k), v_k from radmark.pullback."""
+    """Fisher over the per-class exact tails of the pull-back cosines (radmark.pullback).
+
+    ``d``: the dimension of the null (d − 1 for residual cosines, see ``residual_cosines``).
+    """
     lp = log_cosine_sf(cosines, d)
     how = "class-conditional margin" if labelled else "all-image logit"
     return TestResult(
@@ -152,7 +156,8 @@ def pullback_test(cosines: np.ndarray, d: int, *, labelled: bool) -> TestResult:
         fisher_log_sf(lp) / LN10,
         True,
         float(-2.0 * np.sum(lp)),
-        f"Fisher over cos(J_φ·∇logit, u_k), {how} gradients (white box, no alignment)",
+        f"Fisher over cos(J_φ·∇logit, u_k), {how} gradients, the marker's own direction "
+        "removed (white box, no alignment)",
     )
 
 
@@ -457,7 +462,7 @@ def _white_box_tests(
     f_s = _features(_gray_adapter(suspect), images, batch_size, device)
     w_s = suspect.weight().numpy()
     markers: dict[str, tuple[np.ndarray, Any]] = {}
-    directions: dict[tuple[str, int], np.ndarray] = {}
+    directions: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
     out: dict[str, tuple[np.ndarray, dict[str, TestResult], Any]] = {}
     for rec, key in selected:
         m = rec.signed["marker"]
@@ -477,12 +482,14 @@ def _white_box_tests(
         _lp, tests, _combined = white_box(cos, d)
         if pullback:
             if (m["id"], c) not in directions:
-                directions[(m["id"], c)] = _pullback(
-                    suspect, marker_models[m["id"]], images, labels, c, pullback_limit, device
+                mk = marker_models[m["id"]]
+                directions[(m["id"], c)] = (
+                    _pullback(suspect, mk, images, labels, c, pullback_limit, device),
+                    _pullback(mk, mk, images, labels, c, pullback_limit, device),
                 )
-            v = directions[(m["id"], c)]
+            v, v_ref = directions[(m["id"], c)]
             tests[PULLBACK_TEST] = pullback_test(
-                np.sum(v * carriers.astype(np.float64), axis=1), d, labelled=labels is not None
+                residual_cosines(v, v_ref, carriers), d - 1, labelled=labels is not None
             )
         if al.r2 < POOR_ALIGNMENT_R2:
             warning = (

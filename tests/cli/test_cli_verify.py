@@ -151,14 +151,22 @@ def test_json_fields_per_spec(world: dict[str, Any]) -> None:
 
 
 def test_alpha_sets_the_verdict_and_json_keeps_the_exit_code(world: dict[str, Any]) -> None:
-    base = json.loads(verify(world, world["clean"], "--key", world["k1"], "--json").stdout)
-    lp = base["results"][0]["log10_p"]
-    if lp > -0.01:
-        pytest.skip(f"p = {10**lp:.3f} too close to 1 to pick an alpha above it")
+    # A clean model's p is uniform over keys. With the white-box test alone (continuous p; the
+    # Bonferroni verdict sits at 1 with probability ~1/4) take the first key whose p is far
+    # enough from 1 to put an alpha on either side of it (both keys above 0.977: 0.05%).
+    for k in ("k1", "k2"):
+        base = verify(world, world["clean"], "--key", world[k], "--no-pullback", "--json")
+        lp = json.loads(base.stdout)["results"][0]["log10_p"]
+        if lp <= -0.01:
+            break
+    else:
+        pytest.skip(f"p = {10**lp:.3f} for both keys: too close to 1 to pick an alpha above it")
     above, below = 10 ** (lp + 0.005), 10 ** (lp - 0.005)
     for alpha, detected in ((above, True), (below, False)):
         for extra in (["--json"], []):
-            res = verify(world, world["clean"], "--key", world["k1"], "--alpha", alpha, *extra)
+            res = verify(
+                world, world["clean"], "--key", world[k], "--no-pullback", "--alpha", alpha, *extra
+            )
             assert res.exit_code == (1 if detected else 0), res.output
             if extra:
                 assert json.loads(res.stdout)["detected"] is detected

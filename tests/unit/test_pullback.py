@@ -11,7 +11,7 @@ from radmark.carriers import derive_carriers
 from radmark.errors import ModelError
 from radmark.keys import SecretKey
 from radmark.models import build_model
-from radmark.pullback import pullback_directions
+from radmark.pullback import pullback_directions, residual_cosines
 from radmark.stats import fisher_log_sf, log_cosine_sf
 
 
@@ -61,6 +61,34 @@ def test_null_calibration_over_1000_keys(nets) -> None:
     ps = np.array(ps)
     assert st.kstest(ps, "uniform").pvalue > 0.01
     assert np.sum(ps < 0.01) <= st.binom.ppf(0.999, 1000, 0.01)
+
+
+def test_residual_cosines_null_over_1000_keys(nets) -> None:
+    """With the reference's direction removed the null is the cosine in d − 1 dimensions."""
+    marker, suspect, images = nets
+    v = pullback_directions(suspect, _phi(marker), images, 10)
+    v_ref = pullback_directions(marker, _phi(marker), images, 10)
+    ps = []
+    for i in range(1000):
+        key = SecretKey(i.to_bytes(32, "big"))
+        u = derive_carriers(key.carrier_seed(), 128, 10, "m")
+        ps.append(math.exp(fisher_log_sf(log_cosine_sf(residual_cosines(v, v_ref, u), 127))))
+    ps = np.array(ps)
+    assert st.kstest(ps, "uniform").pvalue > 0.01
+    assert np.sum(ps < 0.01) <= st.binom.ppf(0.999, 1000, 0.01)
+
+
+def test_residual_cosines_remove_the_reference_and_keep_the_mark() -> None:
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(10, 64))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    ref = rng.normal(size=(10, 64))
+    v = 5.0 * ref + 0.5 * u  # a big shared component and a small mark
+    plain = np.sum(v * u, axis=1) / np.linalg.norm(v, axis=1)
+    res = residual_cosines(v, ref, u)
+    assert np.all(res > plain) and np.all(res > 0.5)
+    # the suspect is the reference: no direction left, no evidence (p = 1)
+    assert np.all(residual_cosines(ref, ref, u) == -1.0)
 
 
 def test_detects_a_model_that_reads_the_carriers(nets) -> None:

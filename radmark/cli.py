@@ -315,12 +315,31 @@ def mark(
             help="fail: stop at the first bad sample; skip: copy it unmarked and count it.",
         ),
     ] = "fail",
+    kit_probe: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--kit-probe",
+            help="Also build the black-box verification kit from these clean held-out shards "
+            "(as `radmark kit build`), repeatable.",
+        ),
+    ] = None,
+    kit_decoys: Annotated[int, typer.Option("--kit-decoys", help="Kit decoys per class.")] = 39,
+    kit_per_class: Annotated[
+        int, typer.Option("--kit-per-class", help="Kit images per class.")
+    ] = 10,
     keystore: KeystoreOpt = Path("keys"),
     json_out: JsonOpt = False,
 ) -> None:
     """Mark a fraction of the images in WebDataset shards, shard by shard, and record the mark."""
     from .keyops import load_secret_key
     from .mark import MarkOptions, mark_shards
+
+    if kit_probe:  # checked before hours of marking, not after
+        from .shards import expand_shards
+
+        if kit_decoys < 1 or kit_per_class < 1:
+            raise UsageError("--kit-decoys and --kit-per-class must be at least 1")
+        expand_shards(kit_probe)
 
     overrides: dict[str, Any] = {}
     if steps is not None:
@@ -381,9 +400,26 @@ def mark(
         )
     if rank != 0:
         return
+    kit = None
+    if kit_probe:
+        from .keystore import Keystore
+        from .kit import build_kit
+
+        store = Keystore.open(keystore)
+        kit = build_kit(
+            store=store,
+            record=store.mark_record(result.record),
+            key=secret,
+            probe=kit_probe,
+            marker_spec=marker,
+            decoys=kit_decoys,
+            per_class=kit_per_class,
+            device=device,
+        )
     if json_out:
         _emit_json(
             {
+                "kit": _kit_json(kit) if kit is not None else None,
                 "fingerprint": result.fingerprint,
                 "record": result.record,
                 "shards": len(result.shards),
@@ -434,6 +470,8 @@ def mark(
         f"{result.images_per_s:.1f} images/s, marker {result.marker}"
     )
     err.print(f"mark record: {result.record}")
+    if kit is not None:
+        _print_kit(kit)
     typer.echo(result.record)
 
 
@@ -727,28 +765,35 @@ def kit_build(
         batch_size=batch_size,
     )
     if json_out:
-        _emit_json(
-            {
-                "fingerprint": res.fingerprint,
-                "mark_record": res.mark_record,
-                "kit_record": res.kit_record,
-                "kit_sha256": res.kit_sha256,
-                "decoys": res.decoys,
-                "per_class": res.per_class,
-                "images": res.images,
-                "markings": res.markings,
-                "psnr_mean": res.psnr_mean,
-                "psnr_min": res.psnr_min,
-                "bytes": res.kit_bytes,
-                "seconds": res.seconds,
-            }
-        )
+        _emit_json(_kit_json(res))
         return
-    err.print(
-        f"kit: {res.images} images × {res.decoys + 1} carriers ({res.markings} markings, "
-        f"PSNR mean {res.psnr_mean:.1f} dB) in {res.seconds:.1f} s, {res.kit_bytes} bytes"
-    )
+    _print_kit(res)
     typer.echo(res.kit_record)
+
+
+def _kit_json(res: Any) -> dict[str, Any]:
+    return {
+        "fingerprint": res.fingerprint,
+        "mark_record": res.mark_record,
+        "kit_record": res.kit_record,
+        "kit_sha256": res.kit_sha256,
+        "decoys": res.decoys,
+        "per_class": res.per_class,
+        "images": res.images,
+        "markings": res.markings,
+        "psnr_mean": res.psnr_mean,
+        "psnr_min": res.psnr_min,
+        "bytes": res.kit_bytes,
+        "seconds": res.seconds,
+    }
+
+
+def _print_kit(res: Any) -> None:
+    err.print(
+        f"kit {res.kit_record}: {res.images} images × {res.decoys + 1} carriers "
+        f"({res.markings} markings, PSNR mean {res.psnr_mean:.1f} dB) in {res.seconds:.1f} s, "
+        f"{res.kit_bytes} bytes"
+    )
 
 
 def main() -> None:

@@ -316,3 +316,27 @@ def test_error_without_json_is_one_line(world, tmp_path: Path) -> None:
     out.mkdir()
     (out / "data-000000.tar").write_bytes(b"someone else's file")
     _one_error_line(run(*_args(world, out)), "already holds data-000000.tar")
+
+
+def test_kit_probe_builds_the_verification_kit_after_marking(world, tmp_path: Path) -> None:
+    probe = make_shards(tmp_path / "probe", n=200, per_shard=100, offset=1500)
+    res = run(
+        *_args(world, tmp_path / "out", "--json"),
+        "--kit-probe", str(probe[0].parent), "--kit-decoys", "2", "--kit-per-class", "1",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    kit = doc["kit"]
+    assert kit["mark_record"] == doc["record"]
+    assert (kit["images"], kit["decoys"], kit["markings"]) == (10, 2, 30)
+    kits = [p for p in (world["ks"] / "kits").rglob("*.safetensors")]
+    assert kit["kit_sha256"].removeprefix("sha256:") in {p.stem for p in kits}
+
+
+def test_bad_kit_options_fail_before_marking(world, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = run(*_args(world, out, "--json"), "--kit-probe", str(tmp_path / "nope"))
+    _one_error_line(res, "nope")
+    assert not out.exists() or not any(out.glob("*.tar"))
+    res = run(*_args(world, out, "--json"), "--kit-probe", str(world["in"]), "--kit-decoys", "0")
+    _one_error_line(res, "--kit-decoys")

@@ -223,3 +223,21 @@ def test_marking_is_the_same_function_for_every_slot(nets) -> None:
     )
     assert np.array_equal(marked[0], marked[1])
     assert not np.array_equal(marked[0], marked[2])
+
+
+def test_pinned_kit_vectors() -> None:
+    """A kit built today must verify in every later version: decoys and true slots are pinned."""
+    import json
+    from pathlib import Path
+
+    vectors = json.loads((Path(__file__).parents[2] / "keys" / "test-vectors.json").read_text())
+    key = SecretKey(bytes.fromhex(vectors["secret_hex"]))
+    kit = vectors["kit"]
+    assert hashlib.sha256(key.decoy_seed()).hexdigest() == kit["decoy_seed_sha256"]
+    assert hashlib.sha256(key.kit_slot_seed()).hexdigest() == kit["kit_slot_seed_sha256"]
+    for v in kit["decoy_carriers"]:
+        arr = decoy_carriers(key, v["j"], v["d"], v["C"], v["marker"])
+        digest = hashlib.sha256(np.ascontiguousarray(arr, "<f4").tobytes()).hexdigest()
+        assert digest == v["sha256_float32_le"]
+    for v in kit["true_slots"]:
+        assert true_slots(key, v["record"], v["C"], v["slots"]).tolist() == v["pi"]

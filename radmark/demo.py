@@ -121,6 +121,13 @@ def main(workdir: str = "demo-out") -> None:
         "4",
         "--steps",
         "40",
+        # the black-box test's verification kit: 5 clean probe images per class, 19 decoys
+        "--kit-probe",
+        str(work / "probe"),
+        "--kit-decoys",
+        "19",
+        "--kit-per-class",
+        "5",
     )
     _radmark("keys", "list", "--keystore", str(ks))
     print(
@@ -143,6 +150,7 @@ def main(workdir: str = "demo-out") -> None:
             str(ks),
             "--marker",
             str(work / "marker.safetensors"),
+            "--black-box",
         )
         verdicts[name] = res.returncode
     print(

@@ -85,7 +85,9 @@ def pullback_directions(
                         others = torch.cat([logits[:, :j], logits[:, j + 1 :]], dim=1)
                         objective = logits[:, j] - others.logsumexp(dim=1)
                     (g,) = torch.autograd.grad(objective.sum(), xg, retain_graph=True)
-                    _, tangent = jvp(marker_features, (x,), (g,))
+                    with warnings.catch_warnings():  # its first call loads jit decompositions
+                        warnings.simplefilter("ignore", FutureWarning)
+                        _, tangent = jvp(marker_features, (x,), (g,))
                     part = tangent.detach().double().sum(dim=0).cpu().numpy()
                     rows[j] = part if rows[j].size == 0 else rows[j] + part
     v = np.stack(rows)

@@ -240,7 +240,6 @@ def null_calibration(
     Features and the alignment are computed once (they do not depend on the key), exactly as
     ``radmark verify`` computes them; only the carriers change from key to key.
     """
-    from scipy import stats
 
     from radmark.align import fit_alignment, map_classifier
     from radmark.carriers import derive_carriers
@@ -287,8 +286,6 @@ def null_calibration(
         if k + 1 == 100:
             t100 = time.perf_counter() - t1
     keys_s = time.perf_counter() - t1
-    lo01, hi01 = (stats.binom.ppf(q, num_keys, 0.01) / num_keys for q in (0.005, 0.995))
-    lo05, hi05 = (stats.binom.ppf(q, num_keys, 0.05) / num_keys for q in (0.005, 0.995))
     # The verdict's Bonferroni minimum is conservative by design (super-uniform: mass piles up at
     # 1), so a two-sided KS would reject it for being *too careful*: it is judged for validity.
     tests_out = {
@@ -302,12 +299,20 @@ def null_calibration(
         "num_classes": int(c),
         "probe_images": int(images.shape[0]),
         "alignment_r2": al.r2,
-        "binomial_99_bounds": {"0.01": [lo01, hi01], "0.05": [lo05, hi05]},
+        "binomial_99_bounds": {str(a): list(_binomial_99(num_keys, a)) for a in (0.01, 0.05)},
         "setup_seconds": setup_s,
         "keys_seconds": keys_s,
         "verify_100_keys_seconds": (setup_s + t100) if t100 is not None else None,
         "tests": tests_out,
     }
+
+
+def _binomial_99(n: int, a: float) -> tuple[float, float]:
+    """The binomial 99% band for the fraction of n uniform p-values below a."""
+    from scipy import stats
+
+    lo, hi = (float(stats.binom.ppf(q, n, a)) / n for q in (0.005, 0.995))
+    return lo, hi
 
 
 def _calibration(lp: list[float], num_keys: int, *, conservative: bool) -> dict[str, Any]:
@@ -319,8 +324,8 @@ def _calibration(lp: list[float], num_keys: int, *, conservative: bool) -> dict[
     from scipy import stats
 
     p = np.power(10.0, np.asarray(lp))
-    lo01, hi01 = (stats.binom.ppf(q, num_keys, 0.01) / num_keys for q in (0.005, 0.995))
-    lo05, hi05 = (stats.binom.ppf(q, num_keys, 0.05) / num_keys for q in (0.005, 0.995))
+    lo01, hi01 = _binomial_99(num_keys, 0.01)
+    lo05, hi05 = _binomial_99(num_keys, 0.05)
     ks = stats.kstest(p, "uniform", alternative="greater" if conservative else "two-sided")
     f01, f05 = float(np.mean(p < 0.01)), float(np.mean(p < 0.05))
     ok01 = f01 <= hi01 if conservative else lo01 <= f01 <= hi01

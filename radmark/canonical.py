@@ -8,6 +8,7 @@ UTF-8, keys sorted, no insignificant whitespace, no NaN/Infinity.
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import hashlib
 import json
 from typing import Any
@@ -20,6 +21,12 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
+
+
+def utc_timestamp() -> str:
+    """Now, as every signed record writes it: UTC, whole seconds, ``Z`` suffix."""
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    return now.isoformat().replace("+00:00", "Z")
 
 
 def sha256_hex(data: bytes) -> str:

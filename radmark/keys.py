@@ -13,7 +13,6 @@ object without that field.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .canonical import b64decode, b64encode, canonical_json, sha256_hex
+from .canonical import b64decode, b64encode, canonical_json, sha256_hex, utc_timestamp
 from .carriers import CARRIER_FORMAT
 from .errors import IntegrityError
 
@@ -159,8 +158,7 @@ class SecretKey:
     def public_record(self, created: str | None = None) -> PublicKeyRecord:
         """The signed public record; deterministic given ``created`` (Ed25519 is deterministic)."""
         if created is None:
-            now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-            created = now.isoformat().replace("+00:00", "Z")
+            created = utc_timestamp()
         body = {
             "type": KEY_RECORD_TYPE,
             "format_version": KEY_FORMAT_VERSION,

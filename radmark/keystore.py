@@ -123,6 +123,17 @@ def _parse_canonical(data: bytes, where: str) -> dict[str, Any]:
     return obj
 
 
+def _check_private(path: Path) -> None:
+    """A secret-bearing file (key secret, kit) must be a regular file readable by its owner only."""
+    st = path.lstat()
+    if not stat.S_ISREG(st.st_mode):
+        raise IntegrityError(f"{path}: not a regular file")
+    if st.st_mode & 0o077:
+        raise KeystoreError(
+            f"permissions {oct(st.st_mode & 0o777)} for {path} are too open; run: chmod 600 {path}"
+        )
+
+
 # ---------------------------------------------------------------- records
 
 
@@ -220,14 +231,7 @@ class Keystore:
                 parts = path.name.split(".")
                 if len(parts) != 3 or parts[2] != "secret":
                     raise IntegrityError(f"{path}: unexpected file in the keystore")
-                st = path.lstat()
-                if not stat.S_ISREG(st.st_mode):
-                    raise IntegrityError(f"{path}: not a regular file")
-                if st.st_mode & 0o077:
-                    raise KeystoreError(
-                        f"permissions {oct(st.st_mode & 0o777)} for {path} are too open; "
-                        f"run: chmod 600 {path}"
-                    )
+                _check_private(path)
                 data = read_regular_file(path)
                 if sha256_hex(data) != parts[1]:
                     raise IntegrityError(
@@ -245,14 +249,7 @@ class Keystore:
                 hexd = path.name.removesuffix(".safetensors")
                 if path.parent.name != hexd[:2] or path.suffix != ".safetensors":
                     raise IntegrityError(f"{path}: unexpected file in the keystore")
-                st = path.lstat()
-                if not stat.S_ISREG(st.st_mode):
-                    raise IntegrityError(f"{path}: not a regular file")
-                if st.st_mode & 0o077:
-                    raise KeystoreError(
-                        f"permissions {oct(st.st_mode & 0o777)} for {path} are too open; "
-                        f"run: chmod 600 {path}"
-                    )
+                _check_private(path)
 
     # ----------------------------------------------------------- writing
     def put(self, signed: dict[str, Any]) -> str:
@@ -300,12 +297,7 @@ class Keystore:
         path = self._kit_path(strip_address(hexd))
         if not path.exists():
             raise KeystoreError(f"keystore {self.root} is missing kit {address(hexd)[:19]}")
-        st = path.lstat()
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
-            raise KeystoreError(
-                f"permissions {oct(st.st_mode & 0o777)} for {path} are too open; "
-                f"run: chmod 600 {path}"
-            )
+        _check_private(path)
         data = read_regular_file(path, max_bytes=MAX_KIT_BYTES)
         if sha256_hex(data) != strip_address(hexd):
             raise IntegrityError(

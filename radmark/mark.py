@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .canonical import address, sha256_hex
+from .canonical import address, sha256_hex, utc_timestamp
 from .carriers import CARRIER_FORMAT, carriers_digest, derive_carriers
 from .errors import InputError, ShardError, UsageError
 from .fsutil import atomic_write_bytes
@@ -866,12 +866,11 @@ def _mark_record(
     reports: list[ShardReport],
     marker_source: str,
 ) -> dict[str, Any]:
-    created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     body = {
         "type": MARK_RECORD_TYPE,
         "format_version": 1,
         "key": key_record.fingerprint,
-        "created": created.replace("+00:00", "Z"),
+        "created": utc_timestamp(),
         "radmark_version": __version__,
         "marker": {
             "id": marker_id,

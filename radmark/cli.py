@@ -8,6 +8,7 @@ pretty tracebacks are configured without locals so a secret can never leak into 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -772,20 +773,10 @@ def kit_build(
 
 
 def _kit_json(res: Any) -> dict[str, Any]:
-    return {
-        "fingerprint": res.fingerprint,
-        "mark_record": res.mark_record,
-        "kit_record": res.kit_record,
-        "kit_sha256": res.kit_sha256,
-        "decoys": res.decoys,
-        "per_class": res.per_class,
-        "images": res.images,
-        "markings": res.markings,
-        "psnr_mean": res.psnr_mean,
-        "psnr_min": res.psnr_min,
-        "bytes": res.kit_bytes,
-        "seconds": res.seconds,
-    }
+    """The kit build result as JSON: the dataclass's fields, with ``kit_bytes`` named ``bytes``."""
+    out = dataclasses.asdict(res)
+    out["bytes"] = out.pop("kit_bytes")
+    return out
 
 
 def _print_kit(res: Any) -> None:

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 ALPHA_LOG10 = -3.0  # radmark verify's default --alpha 1e-3
 
 # The spec's targets (shared/spec/benchmarks.md), checked against each detailed run.
-# Reported for information, never in a verdict (radmark.verify marks them exact=False).
+# Reported for information, never in a verdict (radmark.verify.run marks them exact=False).
 INFORMATIVE_TESTS = {"white_box_zscore"}
 
 TARGETS = {

@@ -182,7 +182,7 @@ def balanced_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.
 
 
 def prepare_data(cfg: dict[str, Any], data_dir: Path, work: Path, seed: int) -> dict[str, Any]:
-    from radmark.shards import write_dataset
+    from radmark.data.shards import write_dataset
 
     fmnist.ensure_installed(data_dir)
     out: dict[str, Any] = {"source": str(data_dir)}
@@ -208,8 +208,8 @@ def prepare_data(cfg: dict[str, Any], data_dir: Path, work: Path, seed: int) -> 
 def marker_accuracy(marker_path: Path, test_dir: Path, device: str) -> float:
     import torch
 
-    from radmark.data import load_labelled_images
-    from radmark.models import load_model
+    from radmark.data.arrays import load_labelled_images
+    from radmark.models.loading import load_model
 
     m = load_model(str(marker_path), device=device)
     test = load_labelled_images([str(test_dir)])
@@ -241,12 +241,12 @@ def null_calibration(
     ``radmark verify`` computes them; only the carriers change from key to key.
     """
 
-    from radmark.align import fit_alignment, map_classifier
-    from radmark.carriers import derive_carriers
-    from radmark.keys import SecretKey
-    from radmark.models import load_model
-    from radmark.pullback import residual_cosines
-    from radmark.verify import (
+    from radmark.keys.carriers import derive_carriers
+    from radmark.keys.keypair import SecretKey
+    from radmark.models.loading import load_model
+    from radmark.verify.alignment import fit_alignment, map_classifier
+    from radmark.verify.pullback import residual_cosines
+    from radmark.verify.run import (
         _features,
         _gray_adapter,
         _load_probe,
@@ -360,9 +360,9 @@ def black_box_null(
     clean suspect's slot statistics T fixed, the true slots of ``num_keys`` fresh keys are drawn
     and the test run as verify runs it; P(p <= a | T) <= a must hold for every T.
     """
-    from radmark.keys import SecretKey
-    from radmark.keystore import Keystore
-    from radmark.kit import (
+    from radmark.keys.keypair import SecretKey
+    from radmark.keys.store import Keystore
+    from radmark.marking.kit import (
         black_box_test,
         kit_for,
         load_kit,
@@ -370,8 +370,8 @@ def black_box_null(
         slot_statistics,
         true_slots,
     )
-    from radmark.models import load_model
-    from radmark.pullback import loaded_logits
+    from radmark.models.loading import load_model
+    from radmark.verify.pullback import loaded_logits
 
     store = Keystore.open(ks)
     suspect = load_model(str(suspect_path), device=device)
@@ -658,8 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     # 5. null calibration: every clean suspect against many fresh random keys
-    from radmark.marker import marker_identity
-    from radmark.models import load_model
+    from radmark.models.loading import load_model
+    from radmark.models.training import marker_identity
 
     loaded = load_model(str(marker))
     marker_id = marker_identity(loaded.name, loaded.sha256)  # what verify binds carriers to

@@ -56,8 +56,8 @@ def train_from_scratch(
 ) -> dict[str, Any]:
     import torch
 
-    from radmark.marker import train_classifier
-    from radmark.models import save_model
+    from radmark.models.loading import save_model
+    from radmark.models.training import train_classifier
 
     num_classes = int(max(train.num_classes_seen, test.num_classes_seen))
     t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def train_linear_probe(
     import torch
     import torch.nn.functional as F
 
-    from radmark.models import load_model, save_model
+    from radmark.models.loading import load_model, save_model
 
     marker = load_model(marker_path, device=device)
     net = marker.model.eval()
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from radmark.data import load_labelled_images
+    from radmark.data.arrays import load_labelled_images
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -30,14 +30,14 @@ def main() -> None:
     import torch
 
     from bench import fmnist
-    from radmark.carriers import derive_carriers
-    from radmark.keyops import generate_key
-    from radmark.keystore import Keystore
-    from radmark.mark import MarkOptions, _mark_record
-    from radmark.marker import marker_identity
-    from radmark.models import build_model, load_model, save_model
-    from radmark.shards import write_dataset
-    from radmark.verify import verify_model
+    from radmark.data.shards import write_dataset
+    from radmark.keys.carriers import derive_carriers
+    from radmark.keys.manage import generate_key
+    from radmark.keys.store import Keystore
+    from radmark.marking.run import MarkOptions, _mark_record
+    from radmark.models.loading import build_model, load_model, save_model
+    from radmark.models.training import marker_identity
+    from radmark.verify.run import verify_model
 
     torch.manual_seed(0)
     work = args.work

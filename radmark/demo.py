@@ -20,7 +20,7 @@ DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "fmnist-small.np
 
 
 def _radmark(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "radmark.cli", *args]
+    cmd = [sys.executable, "-m", "radmark", *args]
     print("\n$ radmark " + " ".join(args), flush=True)
     res = subprocess.run(cmd, text=True, capture_output=True, env={"COLUMNS": "110", **_env()})
     sys.stdout.write(res.stdout)
@@ -40,8 +40,8 @@ def _train_head(marker_path: Path, shards: Path, out: Path, seed: int) -> None:
     """A linear classifier on the frozen marker features (the marker with a re-trained head)."""
     import torch
 
-    from .data import load_labelled_images
-    from .models import load_model, save_model
+    from radmark.data.arrays import load_labelled_images
+    from radmark.models.loading import load_model, save_model
 
     torch.manual_seed(seed)
     m = load_model(str(marker_path))
@@ -75,7 +75,7 @@ def _train_head(marker_path: Path, shards: Path, out: Path, seed: int) -> None:
 def main(workdir: str = "demo-out") -> None:
     import numpy as np
 
-    from .shards import write_dataset
+    from radmark.data.shards import write_dataset
 
     work = Path(workdir)
     shutil.rmtree(work, ignore_errors=True)

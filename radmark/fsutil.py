@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from .errors import InputError
+from radmark.errors import InputError
 
 
 def fsync_dir(directory: Path) -> None:

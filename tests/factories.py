@@ -34,7 +34,7 @@ def make_shards(
     offset: int = 0,
 ) -> list[Path]:
     """Write ``n`` images as WebDataset shards of ``per_shard`` samples (png + cls [+ json])."""
-    from radmark.shards import write_dataset
+    from radmark.data.shards import write_dataset
 
     images, labels = fmnist(n, offset=offset)
 
@@ -51,7 +51,7 @@ def make_marker(path: Path, *, num_classes: int = 10, seed: int = 0) -> Path:
     """An untrained but fixed grayscale smallcnn marker saved as .safetensors."""
     import torch
 
-    from radmark.models import build_model, save_model
+    from radmark.models.loading import build_model, save_model
 
     torch.manual_seed(seed)
     model = build_model("smallcnn", num_classes, in_chans=1).eval()
@@ -61,7 +61,7 @@ def make_marker(path: Path, *, num_classes: int = 10, seed: int = 0) -> Path:
 
 def make_key(keystore: Path, key_file: Path | None = None) -> str:
     """A fresh unencrypted key (fast scrypt); returns its ``sha256:`` fingerprint."""
-    from radmark.keyops import generate_key
+    from radmark.keys.manage import generate_key
 
     return generate_key(keystore, passphrase=None, out_file=key_file, scrypt_n=2**10).fingerprint
 

@@ -5,7 +5,7 @@ import numpy as np, torch, torch.nn.functional as F
 
 sys.path.insert(0, "/work/main")
 from bench.fmnist import load
-from radmark.marker import train_classifier
+from radmark.models.training import train_classifier
 from scipy.stats import binom
 
 torch.set_num_threads(2)

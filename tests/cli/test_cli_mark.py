@@ -19,8 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from radmark.cli import app
-from radmark.mark import LOCK, MANIFEST
-from radmark.shards import iter_samples
+from radmark.data.shards import iter_samples
+from radmark.marking.run import LOCK, MANIFEST
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 runner = CliRunner()
@@ -239,7 +239,7 @@ def test_second_run_on_a_locked_directory_is_refused(world, tmp_path: Path) -> N
 
 def test_concurrent_real_runs_second_refused_first_completes(world, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "radmark.cli", *_args(world, out, "--batch-size", "2")]
+    cmd = [sys.executable, "-m", "radmark", *_args(world, out, "--batch-size", "2")]
     cmd[cmd.index("--steps") + 1] = "30"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -283,7 +283,7 @@ def test_unwritable_output_directory(world, tmp_path: Path, monkeypatch) -> None
 
 def test_disk_full_exit_2_no_partial_shard(world, tmp_path: Path, monkeypatch) -> None:
     """ENOSPC half-way through the second shard's bytes (simulated in the shard writer)."""
-    import radmark.shards as shards_mod
+    import radmark.data.shards as shards_mod
 
     real_write = shards_mod._HashingWriter.write
     writers: list[object] = []

@@ -21,11 +21,11 @@ from typer.testing import CliRunner
 
 from radmark import SCHEMA_VERSION
 from radmark.cli import app
-from radmark.keyops import generate_key
-from radmark.keystore import Keystore
-from radmark.marker import train_classifier
-from radmark.models import build_model, save_model
-from radmark.shards import write_dataset
+from radmark.data.shards import write_dataset
+from radmark.keys.manage import generate_key
+from radmark.keys.store import Keystore
+from radmark.models.loading import build_model, save_model
+from radmark.models.training import train_classifier
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "fmnist-small.npz"
 runner = CliRunner()

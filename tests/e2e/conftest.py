@@ -22,11 +22,11 @@ import pytest
 from typer.testing import CliRunner
 
 from radmark.cli import app
-from radmark.data import load_labelled_images
-from radmark.keyops import generate_key
-from radmark.marker import train_classifier
-from radmark.models import load_model, resolve_head, save_model
-from radmark.shards import write_dataset
+from radmark.data.arrays import load_labelled_images
+from radmark.data.shards import write_dataset
+from radmark.keys.manage import generate_key
+from radmark.models.loading import load_model, resolve_head, save_model
+from radmark.models.training import train_classifier
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "fmnist-small.npz"
 N_MARK = 3000  # all the training images (marking costs ~0.5 ms per image per step, 1 thread)

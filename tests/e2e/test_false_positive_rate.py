@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as st
 
-from radmark.align import fit_alignment, map_classifier
-from radmark.carriers import derive_carriers
-from radmark.keys import SecretKey
-from radmark.models import load_model
-from radmark.pullback import residual_cosines
-from radmark.verify import (
+from radmark.keys.carriers import derive_carriers
+from radmark.keys.keypair import SecretKey
+from radmark.models.loading import load_model
+from radmark.verify.alignment import fit_alignment, map_classifier
+from radmark.verify.pullback import residual_cosines
+from radmark.verify.run import (
     PULLBACK_TEST,
     VERDICT_TEST,
     _features,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from radmark.mark import MANIFEST
+from radmark.marking.run import MANIFEST
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 SHARDS, PER_SHARD = 6, 8
@@ -30,7 +30,7 @@ SHARDS, PER_SHARD = 6, 8
 
 def _cmd(root: Path, out: Path, resume: bool) -> list[str]:
     return [
-        sys.executable, "-m", "radmark.cli", "mark", str(root / "in"),
+        sys.executable, "-m", "radmark", "mark", str(root / "in"),
         "--key", str(root / "owner.key"), "--keystore", str(root / "ks"),
         "--out", str(out), "--marker", str(root / "marker.safetensors"),
         "--fraction", "0.5", "--steps", "2", "--batch-size", "2", "--json",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from radmark.carriers import derive_carriers
-from radmark.keystore import load_keyfile
-from radmark.models import load_model
+from radmark.keys.carriers import derive_carriers
+from radmark.keys.store import load_keyfile
+from radmark.models.loading import load_model
 from tests.factories import make_key, make_marker, make_shards
 
 
@@ -36,7 +36,7 @@ def _needles(key_file: Path, marker: Path) -> list[bytes]:
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "radmark.cli", *args], capture_output=True, env=env, timeout=600
+        [sys.executable, "-m", "radmark", *args], capture_output=True, env=env, timeout=600
     )
 
 

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from radmark.cli import app
-from radmark.keyops import show_object
-from radmark.mark import MANIFEST
+from radmark.keys.manage import show_object
+from radmark.marking.run import MANIFEST
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -36,7 +36,7 @@ def _args(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "radmark.cli", *args]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "radmark", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 

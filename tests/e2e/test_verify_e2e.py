@@ -19,16 +19,16 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from radmark.align import fit_alignment, map_classifier
 from radmark.canonical import b64encode
-from radmark.carriers import derive_carriers
 from radmark.cli import app
-from radmark.data import load_images
-from radmark.keys import SecretKey
-from radmark.keystore import Keystore
-from radmark.models import load_model
-from radmark.stats import LN10
-from radmark.verify import VERDICT_TEST, white_box
+from radmark.data.arrays import load_images
+from radmark.keys.carriers import derive_carriers
+from radmark.keys.keypair import SecretKey
+from radmark.keys.store import Keystore
+from radmark.models.loading import load_model
+from radmark.verify.alignment import fit_alignment, map_classifier
+from radmark.verify.run import VERDICT_TEST, white_box
+from radmark.verify.statistics import LN10
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radmark.align import Alignment, fit_alignment, map_classifier
 from radmark.errors import InputError, UsageError
+from radmark.verify.alignment import Alignment, fit_alignment, map_classifier
 
 
 def _unit_rows(m: np.ndarray) -> np.ndarray:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radmark.carriers import _ln, carriers_digest, derive_carriers
 from radmark.errors import UsageError
-from radmark.keys import SecretKey
+from radmark.keys.carriers import _ln, carriers_digest, derive_carriers
+from radmark.keys.keypair import SecretKey
 
 VECTORS = json.loads((Path(__file__).parents[2] / "keys" / "test-vectors.json").read_text())
 

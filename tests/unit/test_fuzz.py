@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from radmark.data.shards import decode_image, iter_samples, write_dataset
 from radmark.errors import RadmarkError
-from radmark.shards import decode_image, iter_samples, write_dataset
 
 SHARD_CASES = 3000
 MODEL_CASES = 400
@@ -84,7 +84,7 @@ def test_fuzz_images() -> None:
 def test_fuzz_model_files(tmp_path: Path) -> None:
     import torch
 
-    from radmark.models import build_model, load_model, save_model
+    from radmark.models.loading import build_model, load_model, save_model
 
     torch.manual_seed(0)
     good = tmp_path / "good.safetensors"

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from radmark.canonical import canonical_json
-from radmark.carriers import carriers_digest, derive_carriers
 from radmark.errors import IntegrityError
-from radmark.keys import SecretKey
-from radmark.keystore import MarkRecord
-from radmark.kit import (
+from radmark.keys.carriers import carriers_digest, derive_carriers
+from radmark.keys.keypair import SecretKey
+from radmark.keys.store import MarkRecord
+from radmark.marking.kit import (
     black_box_test,
     decoy_carriers,
     mark_kit_images,
@@ -27,10 +27,10 @@ from radmark.kit import (
     slot_statistics,
     true_slots,
 )
-from radmark.marking import get_preset
-from radmark.models import build_model, load_model
-from radmark.pullback import loaded_logits
-from radmark.stats import LN10, rank_log_sf
+from radmark.marking.radioactive import get_preset
+from radmark.models.loading import build_model, load_model
+from radmark.verify.pullback import loaded_logits
+from radmark.verify.statistics import LN10, rank_log_sf
 from tests.factories import fmnist, make_marker
 
 MARKER_ID = "smallcnn@sha256:" + "ab" * 32
@@ -154,7 +154,7 @@ def test_null_calibration_over_200_keys(nets) -> None:
         k = _key(1000 + i)
         carriers, pi = slot_carriers(k, _record(k), 9, MARKER_ID)
         marked, _ = mark_kit_images(images, labels, carriers, _features(marker), params)
-        from radmark.kit import Kit
+        from radmark.marking.kit import Kit
 
         kit = Kit(record={}, address="", clean=images, labels=labels, marked=marked)
         t = residualise(slot_statistics(_logits(clean_model), kit, C), slot_statistics(ref, kit, C))
@@ -182,7 +182,7 @@ def test_power_on_a_model_that_reads_the_carriers(nets) -> None:
         images, labels, carriers, _features(marker), get_preset("default", steps=20, radius=8)
     )
     assert np.all(psnr > 30)
-    from radmark.kit import Kit
+    from radmark.marking.kit import Kit
 
     kit = Kit(record={}, address="", clean=images, labels=labels, marked=marked)
 

@@ -1,4 +1,4 @@
-"""radmark.mark: sample selection, the library round trip, progress events and stale temp files."""
+"""radmark.marking.run: sample selection, the library round trip, progress events and stale temp files."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from radmark.data.shards import iter_samples
 from radmark.errors import InputError
-from radmark.keyops import load_secret_key, show_object
-from radmark.mark import MANIFEST, MarkOptions, Progress, is_selected, mark_shards
-from radmark.shards import iter_samples
+from radmark.keys.manage import load_secret_key, show_object
+from radmark.marking.run import MANIFEST, MarkOptions, Progress, is_selected, mark_shards
 from tests.factories import fmnist, make_key, make_marker, make_shards, sha256_tree, temp_files
 
 

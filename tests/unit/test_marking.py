@@ -1,4 +1,4 @@
-"""Unit tests for radmark.marking: the marking step as a pure tensor function.
+"""Unit tests for radmark.marking.radioactive: the marking step as a pure tensor function.
 
 Everything runs on CPU with a tiny random conv net as φ (d = 32) and 16×16 images, single thread.
 """
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from radmark.errors import UsageError
-from radmark.marking import (
+from radmark.marking.radioactive import (
     NORM_STD,
     PRESETS,
     MarkBatchResult,
@@ -406,7 +406,7 @@ def test_psnr_floor_holds_per_image_and_spends_the_budget(net: nn.Module) -> Non
 
 
 def test_enforce_psnr_shrinks_only_violators_and_terminates() -> None:
-    from radmark.marking import _enforce_psnr
+    from radmark.marking.radioactive import _enforce_psnr
 
     orig = torch.full((3, 1, 8, 8), 100.0)
     marked = orig.clone()
@@ -422,7 +422,7 @@ def test_enforce_psnr_shrinks_only_violators_and_terminates() -> None:
 
 
 def test_project_l2_keeps_linf_and_range() -> None:
-    from radmark.marking import _project_l2
+    from radmark.marking.radioactive import _project_l2
 
     x01 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     x_new = (

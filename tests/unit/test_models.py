@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from radmark.errors import ModelError, UsageError
-from radmark.models import (
+from radmark.models.loading import (
     ARCHS,
     IMAGENET_MEAN,
     LoadedModel,
@@ -403,7 +403,7 @@ def test_save_model_is_byte_reproducible(tmp_path) -> None:
     (safetensors itself writes its metadata in hash-map order, different on every call)."""
     import torch
 
-    from radmark.models import build_model, load_model, save_model
+    from radmark.models.loading import build_model, load_model, save_model
 
     torch.manual_seed(0)
     model = build_model("smallcnn", 10, in_chans=1)

@@ -7,12 +7,12 @@ import pytest
 import torch
 from scipy import stats as st
 
-from radmark.carriers import derive_carriers
 from radmark.errors import ModelError
-from radmark.keys import SecretKey
-from radmark.models import build_model
-from radmark.pullback import pullback_directions, residual_cosines
-from radmark.stats import fisher_log_sf, log_cosine_sf
+from radmark.keys.carriers import derive_carriers
+from radmark.keys.keypair import SecretKey
+from radmark.models.loading import build_model
+from radmark.verify.pullback import pullback_directions, residual_cosines
+from radmark.verify.statistics import fisher_log_sf, log_cosine_sf
 
 
 @pytest.fixture(scope="module")

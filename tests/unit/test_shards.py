@@ -1,4 +1,4 @@
-"""Tests for radmark.shards: WebDataset shard reading, refusals, images, labels and writing."""
+"""Tests for radmark.data.shards: WebDataset shard reading, refusals, images, labels and writing."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from radmark.errors import InputError, ShardError
-from radmark.shards import (
+from radmark.data.shards import (
     IMAGE_EXTS,
     Sample,
     ShardWriteResult,
@@ -34,6 +33,7 @@ from radmark.shards import (
     write_dataset,
     write_shard,
 )
+from radmark.errors import InputError, ShardError
 
 # ---------------------------------------------------------------------------------------------
 # helpers

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from radmark.carriers import derive_carriers
-from radmark.stats import (
+from radmark.keys.carriers import derive_carriers
+from radmark.verify.statistics import (
     bonferroni_min,
     fisher_log_sf,
     holm_adjust,

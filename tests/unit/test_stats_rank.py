@@ -8,9 +8,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from radmark import stats
 from radmark.errors import UsageError
-from radmark.stats import fisher_log_sf, rank_log_sf, to_log10
+from radmark.verify import statistics as stats
+from radmark.verify.statistics import fisher_log_sf, rank_log_sf, to_log10
 
 SMALL = [(slots, c) for slots in (2, 3, 5, 8) for c in (1, 2, 3, 4)]
 

@@ -16,19 +16,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from radmark.carriers import derive_carriers
-from radmark.keys import SecretKey
-from radmark.stats import LN10
-from radmark.verify import (
+from radmark.keys.carriers import derive_carriers
+from radmark.keys.keypair import SecretKey
+from radmark.verify.run import (
     VERDICT_TEST,
     KeyResult,
     VerifyResult,
     result_to_json,
     white_box,
 )
-from radmark.verify import (
+from radmark.verify.run import (
     TestResult as WhiteBoxTest,
 )
+from radmark.verify.statistics import LN10
 
 MARKER_ID = "smallcnn@sha256:" + "ab" * 32
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .canonical import address, canonical_json
-from .errors import InputError
-from .fsutil import atomic_write_bytes
-from .keys import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey
-from .keystore import (
+from radmark.canonical import address, canonical_json
+from radmark.errors import InputError
+from radmark.fsutil import atomic_write_bytes
+from radmark.keys.keypair import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey
+from radmark.keys.store import (
     MARK_RECORD_TYPE,
     SCRYPT_N,
     Entry,

@@ -14,7 +14,7 @@ import math
 import numpy as np
 from scipy import special
 
-from .errors import UsageError
+from radmark.errors import UsageError
 
 LN10 = math.log(10.0)
 # Below this, scipy's linear-space betainc loses relative accuracy (subnormals) or underflows;

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_labelled_images
-from .errors import UsageError
+from radmark.data.arrays import load_labelled_images
+from radmark.errors import UsageError
 
 
 def marker_identity(name: str, sha256: str) -> str:
@@ -56,7 +56,7 @@ def train_classifier(
     import torch
     import torch.nn.functional as F
 
-    from .models import build_model
+    from radmark.models.loading import build_model
 
     if epochs < 1:
         raise UsageError("epochs must be >= 1")
@@ -138,7 +138,7 @@ def train_marker(
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train a marking network on the user's own shards and save it as safetensors."""
-    from .models import save_model
+    from radmark.models.loading import save_model
 
     t0 = time.perf_counter()
     data = load_labelled_images(

@@ -22,8 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import SCHEMA_VERSION, __version__
-from .errors import RadmarkError, UsageError
+from radmark import SCHEMA_VERSION, __version__
+from radmark.errors import RadmarkError, UsageError
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,7 +140,7 @@ def keygen(
     json_out: JsonOpt = False,
 ) -> None:
     """Create a new signed secret key in the keystore and print its fingerprint."""
-    from .keyops import generate_key
+    from radmark.keys.manage import generate_key
 
     if passphrase is False:
         pw = None
@@ -172,7 +172,7 @@ def keygen(
 @_command(keys_app, "list")
 def keys_list(keystore: KeystoreOpt = Path("keys"), json_out: JsonOpt = False) -> None:
     """List keys and mark records (every object is re-hashed and its signature checked)."""
-    from .keyops import list_entries
+    from radmark.keys.manage import list_entries
 
     entries = list_entries(keystore)
     if json_out:
@@ -204,7 +204,7 @@ def keys_show(
     json_out: JsonOpt = False,
 ) -> None:
     """Show a key's public record or a mark record (verified)."""
-    from .keyops import show_object
+    from radmark.keys.manage import show_object
 
     shown = show_object(keystore, ref)
     if json_out:
@@ -232,11 +232,11 @@ def keys_export_public(
     ] = None,
 ) -> None:
     """Print what can be published: the signed public record (never the secret)."""
-    from .keyops import export_public
+    from radmark.keys.manage import export_public
 
     data = export_public(keystore, ref)
     if out_file is not None:
-        from .fsutil import atomic_write_bytes
+        from radmark.fsutil import atomic_write_bytes
 
         atomic_write_bytes(out_file, data + b"\n")
         err.print(f"wrote {out_file}")
@@ -332,11 +332,11 @@ def mark(
     json_out: JsonOpt = False,
 ) -> None:
     """Mark a fraction of the images in WebDataset shards, shard by shard, and record the mark."""
-    from .keyops import load_secret_key
-    from .mark import MarkOptions, mark_shards
+    from radmark.keys.manage import load_secret_key
+    from radmark.marking.run import MarkOptions, mark_shards
 
     if kit_probe:  # checked before hours of marking, not after
-        from .shards import expand_shards
+        from radmark.data.shards import expand_shards
 
         if kit_decoys < 1 or kit_per_class < 1:
             raise UsageError("--kit-decoys and --kit-per-class must be at least 1")
@@ -403,8 +403,8 @@ def mark(
         return
     kit = None
     if kit_probe:
-        from .keystore import Keystore
-        from .kit import build_kit
+        from radmark.keys.store import Keystore
+        from radmark.marking.kit import build_kit
 
         store = Keystore.open(keystore)
         kit = build_kit(
@@ -507,7 +507,7 @@ def marker_train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train a marking network on your own shards (small-image stem for small images)."""
-    from .marker import train_marker
+    from radmark.models.training import train_marker
 
     def on_epoch(epoch: int, acc: float) -> None:
         if not json_out:
@@ -688,7 +688,7 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Test a model for your radioactive marks. Exit 0: no mark, 1: mark detected, 2: bad input."""
-    from .verify import plot, result_to_json, verify_model
+    from radmark.verify.run import plot, result_to_json, verify_model
 
     if expect not in ("clean", "marked"):
         raise UsageError("--expect must be 'clean' or 'marked'")
@@ -745,8 +745,8 @@ def kit_build(
     json_out: JsonOpt = False,
 ) -> None:
     """Mark held-out images once per carrier slot (true + decoys) and store the kit (0600)."""
-    from .keystore import Keystore, load_keyfile
-    from .kit import build_kit
+    from radmark.keys.store import Keystore, load_keyfile
+    from radmark.marking.kit import build_kit
 
     store = Keystore.open(keystore)
     rec = store.mark_record(record)

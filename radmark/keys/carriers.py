@@ -28,8 +28,8 @@ import hashlib
 
 import numpy as np
 
-from .canonical import canonical_json, sha256_hex
-from .errors import UsageError
+from radmark.canonical import canonical_json, sha256_hex
+from radmark.errors import UsageError
 
 CARRIER_FORMAT = "radmark-carriers-v1"
 _LN2 = 0.6931471805599453  # float64 nearest to ln 2

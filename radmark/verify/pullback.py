@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, ModelError
+from radmark.errors import InputError, ModelError
 
 
 def pullback_directions(

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError, ShardError
-from .shards import Sample, decode_image, expand_shards, iter_samples, parse_label
+from radmark.data.shards import Sample, decode_image, expand_shards, iter_samples, parse_label
+from radmark.errors import InputError, ShardError
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .canonical import b64decode, b64encode, canonical_json, sha256_hex, utc_timestamp
-from .carriers import CARRIER_FORMAT
-from .errors import IntegrityError
+from radmark.canonical import b64decode, b64encode, canonical_json, sha256_hex, utc_timestamp
+from radmark.errors import IntegrityError
+from radmark.keys.carriers import CARRIER_FORMAT
 
 SECRET_BYTES = 32
 KEY_RECORD_TYPE = "radmark.key"

@@ -25,16 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from .align import fit_alignment, map_classifier
-from .canonical import address
-from .carriers import carriers_digest, derive_carriers
-from .errors import InputError, IntegrityError, KeystoreError, ModelError, UsageError
-from .keyops import is_key_file
-from .keys import SecretKey
-from .keystore import Keystore, MarkRecord, PassphraseFn, load_keyfile
-from .kit import BLACK_BOX_TEST
-from .pullback import residual_cosines
-from .stats import (
+from radmark.canonical import address
+from radmark.errors import InputError, IntegrityError, KeystoreError, ModelError, UsageError
+from radmark.keys.carriers import carriers_digest, derive_carriers
+from radmark.keys.keypair import SecretKey
+from radmark.keys.manage import is_key_file
+from radmark.keys.store import Keystore, MarkRecord, PassphraseFn, load_keyfile
+from radmark.marking.kit import BLACK_BOX_TEST
+from radmark.verify.alignment import fit_alignment, map_classifier
+from radmark.verify.pullback import residual_cosines
+from radmark.verify.statistics import (
     LN10,
     bonferroni_min,
     fisher_log_sf,
@@ -145,7 +145,7 @@ def white_box(cosines: np.ndarray, d: int) -> tuple[np.ndarray, dict[str, TestRe
 
 
 def pullback_test(cosines: np.ndarray, d: int, *, labelled: bool) -> TestResult:
-    """Fisher over the per-class exact tails of the pull-back cosines (radmark.pullback).
+    """Fisher over the per-class exact tails of the pull-back cosines (radmark.verify.pullback).
 
     ``d``: the dimension of the null (d − 1 for residual cosines, see ``residual_cosines``).
     """
@@ -184,8 +184,8 @@ def black_box_result(ranks: Sequence[int], slots: int, log10_p: float) -> TestRe
 
 def _load_probe(probe: Sequence[str], limit: int | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Probe images and, when every sample has a label, the labels (the pull-back test uses them)."""
-    from .data import load_images, load_labelled_images
-    from .errors import ShardError
+    from radmark.data.arrays import load_images, load_labelled_images
+    from radmark.errors import ShardError
 
     try:
         data = load_labelled_images(probe, limit=limit)
@@ -206,7 +206,7 @@ def _pullback(
     limit: int,
     device: str,
 ) -> np.ndarray:
-    from .pullback import loaded_logits, pullback_directions
+    from radmark.verify.pullback import loaded_logits, pullback_directions
 
     if images.shape[0] > limit:  # a class-balanced, deterministic subset: the first per class
         if labels is not None:
@@ -286,7 +286,7 @@ def verify_model(
     With ``black_box`` the decoy-rank test runs on each record's verification kit; with
     ``black_box`` and no ``probe`` it runs alone (the model's outputs are all it uses).
     """
-    from .models import load_model
+    from radmark.models.loading import load_model
 
     if not 0.0 < alpha < 1.0:
         raise UsageError("--alpha must be in (0, 1)")
@@ -300,7 +300,7 @@ def verify_model(
     store = Keystore.open(keystore)
     selected = _records_for(store, key_ref, passphrase)
     if black_box:  # a missing kit fails before any model is loaded
-        from .kit import kit_for
+        from radmark.marking.kit import kit_for
 
         for rec, _key in selected:
             kit_for(store, rec)
@@ -339,8 +339,8 @@ def verify_model(
         tests = dict(tests)
         bb = None
         if black_box:
-            from .kit import run_black_box
-            from .pullback import loaded_logits
+            from radmark.marking.kit import run_black_box
+            from radmark.verify.pullback import loaded_logits
 
             marker = _marker_for(rec, marker_spec, device, marker_models)
             bb = run_black_box(
@@ -405,8 +405,8 @@ def _marker_for(
     rec: MarkRecord, marker_spec: str | None, device: str, cache: dict[str, Any]
 ) -> Any:
     """The record's marking network (from --marker or the record), its identity checked."""
-    from .marker import marker_identity
-    from .models import load_model
+    from radmark.models.loading import load_model
+    from radmark.models.training import marker_identity
 
     m = rec.signed["marker"]
     if m["id"] in cache:

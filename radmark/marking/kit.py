@@ -45,13 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .canonical import address, utc_timestamp
-from .carriers import carriers_digest, derive_carriers
-from .errors import InputError, IntegrityError, KeystoreError, ModelError, UsageError
-from .keys import SecretKey
-from .keystore import KIT_RECORD_TYPE, Keystore, MarkRecord
-from .stats import LN10, rank_log_sf
+from radmark import __version__
+from radmark.canonical import address, utc_timestamp
+from radmark.errors import InputError, IntegrityError, KeystoreError, ModelError, UsageError
+from radmark.keys.carriers import carriers_digest, derive_carriers
+from radmark.keys.keypair import SecretKey
+from radmark.keys.store import KIT_RECORD_TYPE, Keystore, MarkRecord
+from radmark.verify.statistics import LN10, rank_log_sf
 
 KIT_FORMAT = "radmark-kit-v1"
 STATISTIC = (
@@ -181,7 +181,7 @@ def _kit_bytes(
     import torch
     from safetensors.torch import save
 
-    from .models import canonical_safetensors
+    from radmark.models.loading import canonical_safetensors
 
     tensors = {
         "clean": torch.from_numpy(np.ascontiguousarray(clean)),
@@ -210,7 +210,7 @@ def mark_kit_images(
     """
     import torch
 
-    from .marking import mark_batch
+    from radmark.marking.radioactive import mark_batch
 
     s, n = int(carriers.shape[0]), int(clean.shape[0])
     marked = np.empty((s, *clean.shape), dtype=np.uint8)
@@ -249,10 +249,10 @@ def build_kit(
     ``probe``: clean, labelled held-out shards (never the training data: a suspect's response to
     images it memorised says less). The first ``per_class`` images of each class are used.
     """
-    from .data import load_labelled_images
-    from .marker import marker_identity
-    from .marking import MarkingParams
-    from .models import load_model
+    from radmark.data.arrays import load_labelled_images
+    from radmark.marking.radioactive import MarkingParams
+    from radmark.models.loading import load_model
+    from radmark.models.training import marker_identity
 
     t0 = time.perf_counter()
     if decoys < 1:

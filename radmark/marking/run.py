@@ -42,15 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .canonical import address, sha256_hex, utc_timestamp
-from .carriers import CARRIER_FORMAT, carriers_digest, derive_carriers
-from .errors import InputError, ShardError, UsageError
-from .fsutil import atomic_write_bytes
-from .keys import PublicKeyRecord, SecretKey
-from .keystore import MARK_RECORD_TYPE, Keystore
-from .marker import marker_identity
-from .shards import (
+from radmark import __version__
+from radmark.canonical import address, sha256_hex, utc_timestamp
+from radmark.data.shards import (
     Sample,
     decode_image,
     encode_png,
@@ -61,6 +55,12 @@ from .shards import (
     shard_name,
     write_shard,
 )
+from radmark.errors import InputError, ShardError, UsageError
+from radmark.fsutil import atomic_write_bytes
+from radmark.keys.carriers import CARRIER_FORMAT, carriers_digest, derive_carriers
+from radmark.keys.keypair import PublicKeyRecord, SecretKey
+from radmark.keys.store import MARK_RECORD_TYPE, Keystore
+from radmark.models.training import marker_identity
 
 MANIFEST = "radmark-manifest.json"
 LOCK = ".radmark.lock"
@@ -363,8 +363,8 @@ def _mark_shards(
 ) -> MarkResult:
     import torch
 
-    from .marking import get_preset, mark_batch
-    from .models import load_model
+    from radmark.marking.radioactive import get_preset, mark_batch
+    from radmark.models.loading import load_model
 
     t0 = time.perf_counter()
     rank, world = group.rank, group.world

@@ -30,10 +30,17 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from .canonical import address, b64decode, b64encode, canonical_json, sha256_hex, strip_address
-from .errors import InputError, IntegrityError, KeystoreError, UsageError
-from .fsutil import atomic_write_bytes, read_regular_file
-from .keys import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey, verify_body
+from radmark.canonical import (
+    address,
+    b64decode,
+    b64encode,
+    canonical_json,
+    sha256_hex,
+    strip_address,
+)
+from radmark.errors import InputError, IntegrityError, KeystoreError, UsageError
+from radmark.fsutil import atomic_write_bytes, read_regular_file
+from radmark.keys.keypair import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey, verify_body
 
 SECRET_TYPE = "radmark.secret"
 KEYFILE_TYPE = "radmark.keyfile"

@@ -209,7 +209,7 @@ def marker_accuracy(marker_path: Path, test_dir: Path, device: str) -> float:
     import torch
 
     from radmark.data.arrays import load_labelled_images
-    from radmark.models.loading import load_model
+    from radmark.models import load_model
 
     m = load_model(str(marker_path), device=device)
     test = load_labelled_images([str(test_dir)])
@@ -243,7 +243,7 @@ def null_calibration(
 
     from radmark.keys.carriers import derive_carriers
     from radmark.keys.keypair import SecretKey
-    from radmark.models.loading import load_model
+    from radmark.models import load_model
     from radmark.verify.alignment import fit_alignment, map_classifier
     from radmark.verify.pullback import residual_cosines
     from radmark.verify.run import (
@@ -370,7 +370,7 @@ def black_box_null(
         slot_statistics,
         true_slots,
     )
-    from radmark.models.loading import load_model
+    from radmark.models import load_model
     from radmark.verify.pullback import loaded_logits
 
     store = Keystore.open(ks)
@@ -658,8 +658,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     # 5. null calibration: every clean suspect against many fresh random keys
-    from radmark.models.loading import load_model
-    from radmark.models.training import marker_identity
+    from radmark.models import load_model
+    from radmark.models.markers import marker_identity
 
     loaded = load_model(str(marker))
     marker_id = marker_identity(loaded.name, loaded.sha256)  # what verify binds carriers to

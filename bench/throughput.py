@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from radmark.data.shards import write_dataset
-    from radmark.models.loading import build_model, save_model
+    from radmark.models import build_model, save_model
 
     cuda = args.device.startswith("cuda")
     n = args.images or (2048 if cuda else 8)

@@ -56,7 +56,7 @@ def train_from_scratch(
 ) -> dict[str, Any]:
     import torch
 
-    from radmark.models.loading import save_model
+    from radmark.models import save_model
     from radmark.models.training import train_classifier
 
     num_classes = int(max(train.num_classes_seen, test.num_classes_seen))
@@ -119,7 +119,7 @@ def train_linear_probe(
     import torch
     import torch.nn.functional as F
 
-    from radmark.models.loading import load_model, save_model
+    from radmark.models import load_model, save_model
 
     marker = load_model(marker_path, device=device)
     net = marker.model.eval()

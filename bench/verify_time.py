@@ -35,8 +35,8 @@ def main() -> None:
     from radmark.keys.manage import generate_key
     from radmark.keys.store import Keystore
     from radmark.marking.run import MarkOptions, _mark_record
-    from radmark.models.loading import build_model, load_model, save_model
-    from radmark.models.training import marker_identity
+    from radmark.models import build_model, load_model, save_model
+    from radmark.models.markers import marker_identity
     from radmark.verify.run import verify_model
 
     torch.manual_seed(0)

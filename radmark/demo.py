@@ -41,7 +41,7 @@ def _train_head(marker_path: Path, shards: Path, out: Path, seed: int) -> None:
     import torch
 
     from radmark.data.arrays import load_labelled_images
-    from radmark.models.loading import load_model, save_model
+    from radmark.models import load_model, save_model
 
     torch.manual_seed(seed)
     m = load_model(str(marker_path))

@@ -51,7 +51,7 @@ def make_marker(path: Path, *, num_classes: int = 10, seed: int = 0) -> Path:
     """An untrained but fixed grayscale smallcnn marker saved as .safetensors."""
     import torch
 
-    from radmark.models.loading import build_model, save_model
+    from radmark.models import build_model, save_model
 
     torch.manual_seed(seed)
     model = build_model("smallcnn", num_classes, in_chans=1).eval()

@@ -181,7 +181,7 @@ def _kit_bytes(
     import torch
     from safetensors.torch import save
 
-    from radmark.models.loading import canonical_safetensors
+    from radmark.models import canonical_safetensors
 
     tensors = {
         "clean": torch.from_numpy(np.ascontiguousarray(clean)),
@@ -251,8 +251,8 @@ def build_kit(
     """
     from radmark.data.arrays import load_labelled_images
     from radmark.marking.radioactive import MarkingParams
-    from radmark.models.loading import load_model
-    from radmark.models.training import marker_identity
+    from radmark.models import load_model
+    from radmark.models.markers import marker_identity
 
     t0 = time.perf_counter()
     if decoys < 1:

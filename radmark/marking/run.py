@@ -60,7 +60,7 @@ from radmark.fsutil import atomic_write_bytes
 from radmark.keys.carriers import CARRIER_FORMAT, carriers_digest, derive_carriers
 from radmark.keys.keypair import PublicKeyRecord, SecretKey
 from radmark.keys.store import MARK_RECORD_TYPE, Keystore
-from radmark.models.training import marker_identity
+from radmark.models.markers import marker_identity
 
 MANIFEST = "radmark-manifest.json"
 LOCK = ".radmark.lock"
@@ -364,7 +364,7 @@ def _mark_shards(
     import torch
 
     from radmark.marking.radioactive import get_preset, mark_batch
-    from radmark.models.loading import load_model
+    from radmark.models import load_model
 
     t0 = time.perf_counter()
     rank, world = group.rank, group.world

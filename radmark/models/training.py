@@ -1,7 +1,6 @@
-"""The marking network: loading one with its identity, and training one on the user's shards.
-
-A marker's identity is its name plus the SHA-256 of its weights; carriers are derived for that
-identity, so a mark can only be verified against the very network that made it.
+"""Training classifiers: a marking network on the owner's own shards (``radmark marker train``),
+and the benchmark's suspects, with the recipe a data user would use (SGD + Nesterov momentum,
+one-cycle schedule, random crop with reflect padding and horizontal flip).
 """
 
 from __future__ import annotations
@@ -16,11 +15,6 @@ import numpy as np
 
 from radmark.data.arrays import load_labelled_images
 from radmark.errors import UsageError
-
-
-def marker_identity(name: str, sha256: str) -> str:
-    """The string carriers are bound to: ``<name>@sha256:<hex>``."""
-    return f"{name}@sha256:{sha256}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +50,7 @@ def train_classifier(
     import torch
     import torch.nn.functional as F
 
-    from radmark.models.loading import build_model
+    from radmark.models.registry import build_model
 
     if epochs < 1:
         raise UsageError("epochs must be >= 1")
@@ -138,7 +132,7 @@ def train_marker(
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train a marking network on the user's own shards and save it as safetensors."""
-    from radmark.models.loading import save_model
+    from radmark.models.files import save_model
 
     t0 = time.perf_counter()
     data = load_labelled_images(

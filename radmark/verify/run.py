@@ -286,7 +286,7 @@ def verify_model(
     With ``black_box`` the decoy-rank test runs on each record's verification kit; with
     ``black_box`` and no ``probe`` it runs alone (the model's outputs are all it uses).
     """
-    from radmark.models.loading import load_model
+    from radmark.models import load_model
 
     if not 0.0 < alpha < 1.0:
         raise UsageError("--alpha must be in (0, 1)")
@@ -405,8 +405,8 @@ def _marker_for(
     rec: MarkRecord, marker_spec: str | None, device: str, cache: dict[str, Any]
 ) -> Any:
     """The record's marking network (from --marker or the record), its identity checked."""
-    from radmark.models.loading import load_model
-    from radmark.models.training import marker_identity
+    from radmark.models import load_model
+    from radmark.models.markers import marker_identity
 
     m = rec.signed["marker"]
     if m["id"] in cache:

@@ -24,7 +24,7 @@ from radmark.cli import app
 from radmark.data.shards import write_dataset
 from radmark.keys.manage import generate_key
 from radmark.keys.store import Keystore
-from radmark.models.loading import build_model, save_model
+from radmark.models import build_model, save_model
 from radmark.models.training import train_classifier
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "fmnist-small.npz"

@@ -25,7 +25,7 @@ from radmark.cli import app
 from radmark.data.arrays import load_labelled_images
 from radmark.data.shards import write_dataset
 from radmark.keys.manage import generate_key
-from radmark.models.loading import load_model, resolve_head, save_model
+from radmark.models import load_model, resolve_head, save_model
 from radmark.models.training import train_classifier
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "fmnist-small.npz"

@@ -17,7 +17,7 @@ from scipy import stats as st
 
 from radmark.keys.carriers import derive_carriers
 from radmark.keys.keypair import SecretKey
-from radmark.models.loading import load_model
+from radmark.models import load_model
 from radmark.verify.alignment import fit_alignment, map_classifier
 from radmark.verify.pullback import residual_cosines
 from radmark.verify.run import (

@@ -15,7 +15,7 @@ import numpy as np
 
 from radmark.keys.carriers import derive_carriers
 from radmark.keys.store import load_keyfile
-from radmark.models.loading import load_model
+from radmark.models import load_model
 from tests.factories import make_key, make_marker, make_shards
 
 

@@ -25,7 +25,7 @@ from radmark.data.arrays import load_images
 from radmark.keys.carriers import derive_carriers
 from radmark.keys.keypair import SecretKey
 from radmark.keys.store import Keystore
-from radmark.models.loading import load_model
+from radmark.models import load_model
 from radmark.verify.alignment import fit_alignment, map_classifier
 from radmark.verify.run import VERDICT_TEST, white_box
 from radmark.verify.statistics import LN10

@@ -84,7 +84,7 @@ def test_fuzz_images() -> None:
 def test_fuzz_model_files(tmp_path: Path) -> None:
     import torch
 
-    from radmark.models.loading import build_model, load_model, save_model
+    from radmark.models import build_model, load_model, save_model
 
     torch.manual_seed(0)
     good = tmp_path / "good.safetensors"

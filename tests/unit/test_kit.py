@@ -28,7 +28,7 @@ from radmark.marking.kit import (
     true_slots,
 )
 from radmark.marking.radioactive import get_preset
-from radmark.models.loading import build_model, load_model
+from radmark.models import build_model, load_model
 from radmark.verify.pullback import loaded_logits
 from radmark.verify.statistics import LN10, rank_log_sf
 from tests.factories import fmnist, make_marker

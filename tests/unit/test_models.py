@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from radmark.errors import ModelError, UsageError
-from radmark.models.loading import (
-    ARCHS,
+from radmark.models import (
+    ARCH_REGISTRY,
     IMAGENET_MEAN,
     LoadedModel,
     build_model,
@@ -56,7 +56,7 @@ def _smallcnn(num_classes: int = 3) -> nn.Module:
     return build_model("smallcnn", num_classes).eval()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", tuple(ARCH_REGISTRY))
 def test_arch_head_and_round_trip(arch: str, tmp_path: Path) -> None:
     small_stem = arch.startswith("resnet")
     torch.manual_seed(0)
@@ -403,7 +403,7 @@ def test_save_model_is_byte_reproducible(tmp_path) -> None:
     (safetensors itself writes its metadata in hash-map order, different on every call)."""
     import torch
 
-    from radmark.models.loading import build_model, load_model, save_model
+    from radmark.models import build_model, load_model, save_model
 
     torch.manual_seed(0)
     model = build_model("smallcnn", 10, in_chans=1)

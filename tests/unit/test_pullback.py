@@ -10,7 +10,7 @@ from scipy import stats as st
 from radmark.errors import ModelError
 from radmark.keys.carriers import derive_carriers
 from radmark.keys.keypair import SecretKey
-from radmark.models.loading import build_model
+from radmark.models import build_model
 from radmark.verify.pullback import pullback_directions, residual_cosines
 from radmark.verify.statistics import fisher_log_sf, log_cosine_sf
 

@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.radmark-installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint format bench bench-quick clean
+.PHONY: demo test test-fast lint format bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,9 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# everything but the end-to-end tests and the long null calibrations (a couple of minutes)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: $(STAMP)
 	$(BIN)/ruff check radmark tests bench
 	$(BIN)/ruff format --check radmark tests bench
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format radmark tests bench

@@ -182,7 +182,7 @@ def balanced_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.
 
 
 def prepare_data(cfg: dict[str, Any], data_dir: Path, work: Path, seed: int) -> dict[str, Any]:
-    from radmark.data.shards import write_dataset
+    from radmark.data.writer import write_dataset
 
     fmnist.ensure_installed(data_dir)
     out: dict[str, Any] = {"source": str(data_dir)}
@@ -229,60 +229,46 @@ def marker_accuracy(marker_path: Path, test_dir: Path, device: str) -> float:
 
 def null_calibration(
     suspect_path: Path,
-    marker_path: Path,
-    marker_id: str,
+    ks: Path,
+    record_ref: str,
     probe_dir: Path,
     num_keys: int,
     device: str,
 ) -> dict[str, Any]:
     """A clean suspect against ``num_keys`` fresh random keys: the p-values must be uniform.
 
-    Features and the alignment are computed once (they do not depend on the key), exactly as
-    ``radmark verify`` computes them; only the carriers change from key to key.
+    Through the verification seam: the key-independent evidence (features, alignment, pull-back
+    directions) is prepared once exactly as ``radmark verify`` prepares it, and every fresh key is
+    scored against a real mark record (its marker, d and C) with the tests verify runs.
     """
-
-    from radmark.keys.carriers import derive_carriers
     from radmark.keys.keypair import SecretKey
-    from radmark.models import load_model
-    from radmark.verify.alignment import fit_alignment, map_classifier
-    from radmark.verify.pullback import residual_cosines
-    from radmark.verify.run import (
-        _features,
-        _gray_adapter,
-        _load_probe,
-        _pullback,
-        combine_exact,
-        pullback_test,
-        white_box,
-    )
+    from radmark.keys.store import Keystore
+    from radmark.verify.evidence import EvidenceSettings, prepare
+    from radmark.verify.pullback import PULLBACK
+    from radmark.verify.tests import combine, score
+    from radmark.verify.white_box import WHITE_BOX, WHITE_BOX_ZSCORE
 
     t0 = time.perf_counter()
-    images, labels = _load_probe([str(probe_dir)], None)
-    suspect = load_model(str(suspect_path), device=device)
-    marker = load_model(str(marker_path), device=device)
-    f_s = _features(_gray_adapter(suspect), images, 256, device)
-    f_m = _features(_gray_adapter(marker), images, 256, device)
-    al = fit_alignment(f_m, f_s, center=False)
-    w_tilde = map_classifier(suspect.weight().numpy(), al)
-    d, c = f_m.shape[1], w_tilde.shape[0]
-    # the pull-back directions, as verify computes them (default probe limit 2000)
-    v = _pullback(suspect, marker, images, labels, c, 2000, device)
-    v_ref = _pullback(marker, marker, images, labels, c, 2000, device)
+    store = Keystore.open(ks)
+    record = store.mark_record(record_ref)
+    evidence = prepare(
+        str(suspect_path),
+        store=store,
+        probe=[str(probe_dir)],
+        settings=EvidenceSettings(device=device),
+    )
+    names = [WHITE_BOX, WHITE_BOX_ZSCORE, PULLBACK]
+    score(evidence, record, SecretKey.generate(), names)  # computes everything key-independent
     setup_s = time.perf_counter() - t0
     logs: dict[str, list[float]] = {}
     t1 = time.perf_counter()
     t100 = None
     for k in range(num_keys):
-        carriers = derive_carriers(SecretKey.generate().carrier_seed(), d, c, marker_id)
-        cos = np.sum(w_tilde * carriers.astype(np.float64), axis=1)
-        _, tests, _ = white_box(cos, d)
-        tests["pullback_fisher"] = pullback_test(
-            residual_cosines(v, v_ref, carriers), d - 1, labelled=labels is not None
-        )
+        tests = score(evidence, record, SecretKey.generate(), names)
         for name, t in tests.items():
             logs.setdefault(name, []).append(float(t.log10_p))
-        # the verdict itself: Bonferroni minimum over the exact tests, as verify combines them
-        logs.setdefault("combined", []).append(combine_exact(tests) / math.log(10))
+        # the verdict itself, combined as verify combines the exact tests
+        logs.setdefault("combined", []).append(combine(tests.values()) / math.log(10))
         if k + 1 == 100:
             t100 = time.perf_counter() - t1
     keys_s = time.perf_counter() - t1
@@ -292,13 +278,14 @@ def null_calibration(
         name: _calibration(lp, num_keys, conservative=name == "combined")
         for name, lp in logs.items()
     }
+    assert evidence.probe is not None
     return {
         "suspect": str(suspect_path),
         "keys": num_keys,
-        "dim": int(d),
-        "num_classes": int(c),
-        "probe_images": int(images.shape[0]),
-        "alignment_r2": al.r2,
+        "dim": record.dim,
+        "num_classes": record.num_classes,
+        "probe_images": int(evidence.probe.images.shape[0]),
+        "alignment_r2": evidence.alignment(record).r2,
         "binomial_99_bounds": {str(a): list(_binomial_99(num_keys, a)) for a in (0.01, 0.05)},
         "setup_seconds": setup_s,
         "keys_seconds": keys_s,
@@ -346,7 +333,6 @@ def _calibration(lp: list[float], num_keys: int, *, conservative: bool) -> dict[
 
 def black_box_null(
     suspect_path: Path,
-    marker_path: Path,
     ks: Path,
     runs: list[dict[str, Any]],
     num_keys: int,
@@ -362,33 +348,25 @@ def black_box_null(
     """
     from radmark.keys.keypair import SecretKey
     from radmark.keys.store import Keystore
-    from radmark.marking.kit import (
-        black_box_test,
-        kit_for,
-        load_kit,
-        residualise,
-        slot_statistics,
-        true_slots,
-    )
-    from radmark.models import load_model
-    from radmark.verify.pullback import loaded_logits
+    from radmark.marking.kit import true_slots
+    from radmark.verify.black_box import rank_result, residualise, true_slot_ranks
+    from radmark.verify.evidence import EvidenceSettings, prepare
 
     store = Keystore.open(ks)
-    suspect = load_model(str(suspect_path), device=device)
-    marker = load_model(str(marker_path), device=device)
+    evidence = prepare(str(suspect_path), store=store, settings=EvidenceSettings(device=device))
     out: dict[str, Any] = {}
     for run in runs:
         rec = store.mark_record(run["mark"]["record"])
-        kit = load_kit(store, kit_for(store, rec))
-        c = int(rec.signed["num_classes"])
-        t = residualise(  # as verify scores the slots: residual on the marker's responses
-            slot_statistics(loaded_logits(suspect), kit, c, device=device),
-            slot_statistics(loaded_logits(marker), kit, c, device=device),
-        )
+        t, ref = evidence.kit_statistics(rec)
+        r = residualise(t, ref)  # as verify scores the slots: residual on the marker's responses
+        s, c = r.shape
         lp = [
-            black_box_test(t, true_slots(SecretKey.generate(), rec.address, c, kit.slots)).log10_p
+            rank_result(
+                true_slot_ranks(r, true_slots(SecretKey.generate(), rec.address, c, s)),
+                s, "", "carriers", "black_box_rank",
+            ).log10_p
             for _ in range(num_keys)
-        ]
+        ]  # fmt: skip
         out[f"black_box_rank[{run['name']} kit, T fixed]"] = _calibration(
             lp, num_keys, conservative=True
         )
@@ -659,11 +637,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. null calibration: every clean suspect against many fresh random keys
     from radmark.models import load_model
-    from radmark.models.markers import marker_identity
 
-    loaded = load_model(str(marker))
-    marker_id = marker_identity(loaded.name, loaded.sha256)  # what verify binds carriers to
-    res["marker"]["identity"] = marker_id
+    res["marker"]["identity"] = load_model(str(marker)).identity  # what carriers are bound to
     res["null"] = {}
     for entry in res["suspects"]:
         if entry["dataset"] != "control":
@@ -671,10 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         path = work / "suspects" / f"control-{entry['suspect']}.safetensors"
         _log(f"null calibration: {entry['suspect']} against {cfg['null_keys']} random keys")
         res["null"][entry["suspect"]] = null_calibration(
-            path, marker, marker_id, test_dir, cfg["null_keys"], device
+            path, ks, res["runs"][0]["mark"]["record"], test_dir, cfg["null_keys"], device
         )
         res["null"][entry["suspect"]]["tests"].update(
-            black_box_null(path, marker, ks, res["runs"], cfg["null_keys"], device)
+            black_box_null(path, ks, res["runs"], cfg["null_keys"], device)
         )
 
     # 7. throughput: marking at the native size (from mark --json); 224 px against the roofline

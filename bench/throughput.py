@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from radmark.data.shards import write_dataset
+    from radmark.data.writer import write_dataset
     from radmark.models import build_model, save_model
 
     cuda = args.device.startswith("cuda")

@@ -30,14 +30,10 @@ def main() -> None:
     import torch
 
     from bench import fmnist
-    from radmark.data.shards import write_dataset
-    from radmark.keys.carriers import derive_carriers
-    from radmark.keys.manage import generate_key
-    from radmark.keys.store import Keystore
-    from radmark.marking.run import MarkOptions, _mark_record
-    from radmark.models import build_model, load_model, save_model
-    from radmark.models.markers import marker_identity
+    from radmark.data.writer import write_dataset
+    from radmark.models import build_model, save_model
     from radmark.verify.run import verify_model
+    from tests.factories import make_record
 
     torch.manual_seed(0)
     work = args.work
@@ -58,29 +54,11 @@ def main() -> None:
             mean=(0.286,),
             std=(0.353,),
         )
-    marker = load_model(str(work / "marker.safetensors"))
-    mid = marker_identity(marker.name, marker.sha256)
     timings = {}
     for k in (1, args.keys):
         ks = work / f"ks-{k}"
         for _ in range(k):
-            fp = generate_key(ks, passphrase=None, scrypt_n=2**10).fingerprint
-            store = Keystore.open(ks)
-            key, rec = store.secret(fp, lambda: None)
-            carriers = derive_carriers(key.carrier_seed(), marker.dim, 10, mid)
-            body = _mark_record(
-                key,
-                rec,
-                marker,
-                mid,
-                10,
-                carriers,
-                {},
-                MarkOptions(),
-                [],
-                str((work / "marker.safetensors").resolve()),
-            )
-            store.put(body)
+            make_record(ks, work / "marker.safetensors", num_classes=10)
         for pullback in (False, True) if k == 1 else (False,):
             t0 = time.perf_counter()
             res = verify_model(

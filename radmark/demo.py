@@ -75,7 +75,7 @@ def _train_head(marker_path: Path, shards: Path, out: Path, seed: int) -> None:
 def main(workdir: str = "demo-out") -> None:
     import numpy as np
 
-    from radmark.data.shards import write_dataset
+    from radmark.data.writer import write_dataset
 
     work = Path(workdir)
     shutil.rmtree(work, ignore_errors=True)

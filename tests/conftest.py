@@ -21,3 +21,10 @@ def _isolate_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e is slow (``make test-fast`` skips it; CI runs it)."""
+    for item in items:
+        if f"{os.sep}e2e{os.sep}" in str(item.fspath):
+            item.add_marker(pytest.mark.slow)

@@ -34,7 +34,7 @@ def make_shards(
     offset: int = 0,
 ) -> list[Path]:
     """Write ``n`` images as WebDataset shards of ``per_shard`` samples (png + cls [+ json])."""
-    from radmark.data.shards import write_dataset
+    from radmark.data.writer import write_dataset
 
     images, labels = fmnist(n, offset=offset)
 
@@ -80,3 +80,42 @@ def temp_files(directory: Path) -> list[str]:
     return sorted(
         p.name for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")
     )
+
+
+def make_record(keystore: Path, marker_path: Path, *, num_classes: int = 10):  # -> MarkRecord
+    """A signed mark record for ``marker_path`` made with a fresh key, without marking anything.
+
+    For tests and benchmarks that score keys against a record (null calibration, the verification
+    seam, verify timings): only the record's marker, d and C matter there. Returns the verified
+    record from the keystore (the key's secret is stored there too, unencrypted).
+    """
+    from radmark.keys.carriers import CARRIER_FORMAT, carriers_digest, derive_carriers
+    from radmark.keys.keypair import SecretKey
+    from radmark.keys.records import MarkerRef, mark_record_body
+    from radmark.keys.store import Keystore
+    from radmark.marking.radioactive import get_preset
+    from radmark.marking.selection import SELECTION_RULE
+    from radmark.models import load_model
+
+    marker = load_model(str(marker_path))
+    store = Keystore.open(keystore, create=True)
+    key = SecretKey.generate()
+    pub = key.public_record()
+    store.add_key(key, pub, None, scrypt_n=2**10)
+    carriers = derive_carriers(key.carrier_seed(), marker.dim, num_classes, marker.identity)
+    body = mark_record_body(
+        key_fingerprint=pub.fingerprint,
+        method="radioactive",
+        marker=MarkerRef(
+            marker.identity, marker.name, marker.arch, marker.sha256, marker.dim, str(marker_path)
+        ),
+        num_classes=num_classes,
+        carriers={"format": CARRIER_FORMAT, "sha256": carriers_digest(carriers)},
+        params=get_preset("default").to_dict(),
+        fraction=0.1,
+        selection_rule=SELECTION_RULE,
+        label_field="cls",
+        counts={"images": 0, "marked": 0, "skipped": 0},
+        shards=[],
+    )
+    return store.mark_record(store.put(key.sign(body)))

@@ -12,7 +12,8 @@ sys.path.insert(0, "/work/main")
 from bench.fmnist import load  # noqa: E402
 from radmark.keys.carriers import derive_carriers  # noqa: E402
 from radmark.models.training import train_classifier  # noqa: E402
-from radmark.marking.radioactive import get_preset, mark_batch, psnr  # noqa: E402
+from radmark.marking.budget import psnr
+from radmark.marking.radioactive import get_preset, mark_batch  # noqa: E402
 from radmark.verify.statistics import rank_log_sf  # noqa: E402
 
 torch.set_num_threads(2)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from radmark.data.shards import Sample, decode_image, expand_shards, iter_samples, parse_label
+from radmark.data.images import decode_image, parse_label
+from radmark.data.samples import Sample
+from radmark.data.sources import expand_shards, iter_samples
 from radmark.errors import InputError, ShardError
 
 
@@ -86,3 +88,56 @@ def load_images(specs: Sequence[str], *, limit: int | None = None) -> tuple[np.n
         imgs.append(img)
         keys.append(f"{url}/{sample.key}")
     return _stack(imgs, specs), keys
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A clean probe set for verification: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]
+    when every sample has a valid label (the pull-back test uses them), else None."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    keys: list[str]
+    source: str = ""  # the shard specs, for messages
+
+    def balanced_subset(self, num_classes: int, limit: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """At most ``limit`` images, class-balanced and deterministic (the first per class).
+
+        Labels are dropped (all-image gradients) when some class has no probe image.
+        """
+        images, labels = self.images, self.labels
+        if images.shape[0] > limit:
+            if labels is not None:
+                per = max(1, limit // num_classes)
+                idx = np.sort(
+                    np.concatenate([np.flatnonzero(labels == k)[:per] for k in range(num_classes)])
+                )
+                images, labels = images[idx], labels[idx]
+            else:
+                images = images[:limit]
+        if labels is not None and any(not np.any(labels == k) for k in range(num_classes)):
+            labels = None
+        return images, labels
+
+
+def load_probe(
+    specs: Sequence[str], *, limit: int | None = None, label_field: str = "cls"
+) -> Probe:
+    """Probe images in one pass, with labels when every sample has a valid one.
+
+    A probe set need not be labelled; the label member is read only where present, so a missing
+    or malformed label means "unlabelled", never a second decoding pass.
+    """
+    imgs: list[np.ndarray] = []
+    labels: list[int] | None = []
+    keys: list[str] = []
+    for url, sample, img in _decoded(specs, limit):
+        imgs.append(img)
+        keys.append(f"{url}/{sample.key}")
+        if labels is not None:
+            try:
+                labels.append(parse_label(sample, shard=url, field=label_field))
+            except ShardError:
+                labels = None
+    lab = np.asarray(labels, dtype=np.int64) if labels is not None else None
+    return Probe(_stack(imgs, specs), lab, keys, ", ".join(specs))

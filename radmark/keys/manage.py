@@ -15,16 +15,9 @@ from radmark.canonical import address, canonical_json
 from radmark.errors import InputError
 from radmark.fsutil import atomic_write_bytes
 from radmark.keys.keypair import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey
-from radmark.keys.store import (
-    MARK_RECORD_TYPE,
-    SCRYPT_N,
-    Entry,
-    Keystore,
-    PassphraseFn,
-    keyfile_bytes,
-    load_keyfile,
-    seal_secret,
-)
+from radmark.keys.records import MARK_RECORD_TYPE
+from radmark.keys.sealing import SCRYPT_N, PassphraseFn, keyfile_bytes, load_keyfile, seal_secret
+from radmark.keys.store import Entry, Keystore
 
 
 @dataclass(frozen=True)
@@ -74,9 +67,8 @@ def show_object(keystore: Path, ref: str) -> ShownObject:
     store = Keystore.open(keystore)
     hexd = store.resolve(ref)
     obj = store.objects[hexd]
-    kind = {KEY_RECORD_TYPE: "key", MARK_RECORD_TYPE: "mark"}.get(
-        obj.get("type"), str(obj.get("type"))
-    )
+    kind_name = str(obj.get("type"))
+    kind = {KEY_RECORD_TYPE: "key", MARK_RECORD_TYPE: "mark"}.get(kind_name, kind_name)
     return ShownObject(kind, address(hexd), obj, hexd in store.secrets)
 
 

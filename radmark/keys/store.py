@@ -20,141 +20,45 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
 from radmark.canonical import (
     address,
-    b64decode,
-    b64encode,
     canonical_json,
     sha256_hex,
     strip_address,
 )
-from radmark.errors import InputError, IntegrityError, KeystoreError, UsageError
+from radmark.errors import IntegrityError, KeystoreError, UsageError
 from radmark.fsutil import atomic_write_bytes, read_regular_file
 from radmark.keys.keypair import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey, verify_body
+from radmark.keys.records import (
+    KIT_RECORD_TYPE,
+    MARK_RECORD_TYPE,
+    KitRecord,
+    MarkRecord,
+    check_schema,
+)
+from radmark.keys.sealing import (
+    SCRYPT_N,
+    PassphraseFn,
+    check_private,
+    load_keyfile,
+    open_secret,
+    parse_canonical,
+    seal_secret,
+)
 
-SECRET_TYPE = "radmark.secret"
-KEYFILE_TYPE = "radmark.keyfile"
-MARK_RECORD_TYPE = "radmark.mark"
-KIT_RECORD_TYPE = "radmark.kit"
 MAX_KIT_BYTES = 8 << 30
-SCRYPT_N = 2**15
-PassphraseFn = Callable[[], "str | None"]
+__all__ = ["Entry", "Keystore", "PassphraseFn", "load_keyfile"]
 
 
 def default_keystore() -> Path:
     return Path(os.environ.get("RADMARK_KEYSTORE", "keys"))
 
 
-# ---------------------------------------------------------------- secret documents
-
-
-def _scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
-
-
-def seal_secret(
-    key: SecretKey, fingerprint: str, passphrase: str | None, *, scrypt_n: int = SCRYPT_N
-) -> dict[str, Any]:
-    """The secret as a JSON document: plain (rely on 0600) or scrypt + ChaCha20-Poly1305."""
-    doc: dict[str, Any] = {"type": SECRET_TYPE, "format_version": 1, "fingerprint": fingerprint}
-    if not passphrase:
-        return {**doc, "encryption": "none", "secret": b64encode(key.secret_bytes())}
-    salt, nonce = os.urandom(16), os.urandom(12)
-    enc = {
-        "kdf": "scrypt",
-        "n": scrypt_n,
-        "r": 8,
-        "p": 1,
-        "salt": b64encode(salt),
-        "aead": "chacha20poly1305",
-        "nonce": b64encode(nonce),
-    }
-    head = {**doc, "encryption": enc}
-    k = _scrypt(passphrase, salt, scrypt_n, 8, 1)
-    ct = ChaCha20Poly1305(k).encrypt(nonce, key.secret_bytes(), canonical_json(head))
-    return {**head, "ciphertext": b64encode(ct)}
-
-
-def open_secret(
-    doc: dict[str, Any], record: PublicKeyRecord, passphrase: PassphraseFn, where: str
-) -> SecretKey:
-    """Decrypt (if needed) and check that the secret derives exactly ``record``'s public key."""
-    if doc.get("type") != SECRET_TYPE or doc.get("fingerprint") != record.fingerprint:
-        raise IntegrityError(f"{where}: not the secret of key {address(record.fingerprint)}")
-    enc = doc.get("encryption")
-    try:
-        if enc == "none":
-            key = SecretKey(b64decode(doc["secret"]))
-        elif isinstance(enc, dict) and enc.get("kdf") == "scrypt":
-            pw = passphrase()
-            if not pw:
-                raise KeystoreError(
-                    f"{where}: the secret is passphrase-protected; set RADMARK_PASSPHRASE or run "
-                    "interactively"
-                )
-            head = {k: v for k, v in doc.items() if k != "ciphertext"}
-            k = _scrypt(pw, b64decode(enc["salt"]), int(enc["n"]), int(enc["r"]), int(enc["p"]))
-            try:
-                raw = ChaCha20Poly1305(k).decrypt(
-                    b64decode(enc["nonce"]), b64decode(doc["ciphertext"]), canonical_json(head)
-                )
-            except InvalidTag as exc:
-                raise KeystoreError(f"{where}: wrong passphrase (or the file was altered)") from exc
-            key = SecretKey(raw)
-        else:
-            raise IntegrityError(f"{where}: unknown secret encryption")
-    except (KeyError, ValueError, TypeError) as exc:
-        raise IntegrityError(f"{where}: malformed secret file") from exc
-    if not key.matches(record):
-        raise IntegrityError(f"{where}: secret does not match key {address(record.fingerprint)}")
-    return key
-
-
-def _parse_canonical(data: bytes, where: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{where}: not valid JSON (corrupt)") from exc
-    if not isinstance(obj, dict) or canonical_json(obj) != data:
-        raise IntegrityError(f"{where}: not in canonical form (altered)")
-    return obj
-
-
-def _check_private(path: Path) -> None:
-    """A secret-bearing file (key secret, kit) must be a regular file readable by its owner only."""
-    st = path.lstat()
-    if not stat.S_ISREG(st.st_mode):
-        raise IntegrityError(f"{path}: not a regular file")
-    if st.st_mode & 0o077:
-        raise KeystoreError(
-            f"permissions {oct(st.st_mode & 0o777)} for {path} are too open; run: chmod 600 {path}"
-        )
-
-
 # ---------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class MarkRecord:
-    """A verified mark record: built only after its signature checked against its key."""
-
-    signed: dict[str, Any]
-    address: str  # hex SHA-256 of the canonical bytes
-    key: PublicKeyRecord
-
-    @property
-    def fingerprint(self) -> str:
-        return self.key.fingerprint
 
 
 @dataclass
@@ -215,7 +119,7 @@ class Keystore:
                     raise IntegrityError(
                         f"{path}: content does not match its address (tampered or corrupt)"
                     )
-                raw[hexd] = _parse_canonical(data, str(path))
+                raw[hexd] = parse_canonical(data, str(path))
         keys: dict[str, PublicKeyRecord] = {}
         for hexd, obj in raw.items():
             if obj.get("type") == KEY_RECORD_TYPE:
@@ -228,7 +132,9 @@ class Keystore:
                 raise IntegrityError(
                     f"{self._object_path(hexd)}: signed by key {signer!r}, which is not in the keystore"
                 )
-            verify_body(keys[signer].public_key, obj, str(self._object_path(hexd)))
+            where = str(self._object_path(hexd))
+            verify_body(keys[signer].public_key, obj, where)
+            check_schema(obj, hexd, keys[signer], where)  # authentic first, then well-formed
         self.objects = raw
         secdir = self.root / "secrets"
         if secdir.is_dir():
@@ -238,13 +144,13 @@ class Keystore:
                 parts = path.name.split(".")
                 if len(parts) != 3 or parts[2] != "secret":
                     raise IntegrityError(f"{path}: unexpected file in the keystore")
-                _check_private(path)
+                check_private(path)
                 data = read_regular_file(path)
                 if sha256_hex(data) != parts[1]:
                     raise IntegrityError(
                         f"{path}: content does not match its address (tampered or corrupt)"
                     )
-                doc = _parse_canonical(data, str(path))
+                doc = parse_canonical(data, str(path))
                 if doc.get("fingerprint") != parts[0] or parts[0] not in keys:
                     raise IntegrityError(f"{path}: secret for an unknown key")
                 self.secrets[parts[0]] = path
@@ -256,7 +162,7 @@ class Keystore:
                 hexd = path.name.removesuffix(".safetensors")
                 if path.parent.name != hexd[:2] or path.suffix != ".safetensors":
                     raise IntegrityError(f"{path}: unexpected file in the keystore")
-                _check_private(path)
+                check_private(path)
 
     # ----------------------------------------------------------- writing
     def put(self, signed: dict[str, Any]) -> str:
@@ -304,7 +210,7 @@ class Keystore:
         path = self._kit_path(strip_address(hexd))
         if not path.exists():
             raise KeystoreError(f"keystore {self.root} is missing kit {address(hexd)[:19]}")
-        _check_private(path)
+        check_private(path)
         data = read_regular_file(path, max_bytes=MAX_KIT_BYTES)
         if sha256_hex(data) != strip_address(hexd):
             raise IntegrityError(
@@ -345,7 +251,7 @@ class Keystore:
     def mark_record(self, ref: str) -> MarkRecord:
         hexd = self.resolve(ref, MARK_RECORD_TYPE)
         obj = self.objects[hexd]
-        return MarkRecord(signed=obj, address=hexd, key=self.key_record(obj["key"]))
+        return MarkRecord.from_signed(obj, hexd, self.key_record(obj["key"]))
 
     def mark_records(self, key_fingerprint: str | None = None) -> list[MarkRecord]:
         out = []
@@ -353,8 +259,19 @@ class Keystore:
             self.objects.items(), key=lambda kv: (str(kv[1].get("created")), kv[0])
         ):
             if obj.get("type") == MARK_RECORD_TYPE and key_fingerprint in (None, obj.get("key")):
-                out.append(MarkRecord(signed=obj, address=hexd, key=self.key_record(obj["key"])))
+                out.append(MarkRecord.from_signed(obj, hexd, self.key_record(obj["key"])))
         return out
+
+    def kit_records(self) -> list[KitRecord]:
+        """Every kit record in the store (verified and schema-checked on open), oldest first."""
+        return sorted(
+            (
+                KitRecord.from_signed(obj, hexd)
+                for hexd, obj in self.objects.items()
+                if obj.get("type") == KIT_RECORD_TYPE
+            ),
+            key=lambda k: (k.created, k.address),
+        )
 
     def secret(self, ref: str, passphrase: PassphraseFn) -> tuple[SecretKey, PublicKeyRecord]:
         record = self.key_record(ref)
@@ -363,70 +280,30 @@ class Keystore:
             raise KeystoreError(
                 f"keystore {self.root} has only the public part of key {address(record.fingerprint)}"
             )
-        doc = _parse_canonical(read_regular_file(path), str(path))
+        doc = parse_canonical(read_regular_file(path), str(path))
         return open_secret(doc, record, passphrase, str(path)), record
 
     def entries(self) -> list[Entry]:
+        """One summary per stored object, oldest first (for ``radmark keys list``)."""
         out = []
         for hexd, obj in sorted(
             self.objects.items(), key=lambda kv: (str(kv[1].get("created")), kv[0])
         ):
-            t = obj.get("type", "?")
+            t = obj.get("type")
             if t == KEY_RECORD_TYPE:
-                out.append(
-                    Entry(
-                        "key", hexd, {"created": obj.get("created"), "secret": hexd in self.secrets}
-                    )
-                )
+                summary = {"created": obj.get("created"), "secret": hexd in self.secrets}
+                out.append(Entry("key", hexd, summary))
             elif t == MARK_RECORD_TYPE:
-                out.append(
-                    Entry(
-                        "mark",
-                        hexd,
-                        {
-                            "created": obj.get("created"),
-                            "key": obj.get("key"),
-                            "images": obj.get("counts", {}).get("marked"),
-                        },
-                    )
-                )
+                rec = self.mark_record(hexd)
+                summary = {"created": rec.created, "key": rec.fingerprint, "images": rec.marked,
+                           "method": rec.method}  # fmt: skip
+                out.append(Entry("mark", hexd, summary))
+            elif t == KIT_RECORD_TYPE:
+                kit = KitRecord.from_signed(obj, hexd)
+                summary = {"created": kit.created, "key": kit.key_fingerprint,
+                           "mark_record": kit.mark_record}  # fmt: skip
+                out.append(Entry("kit", hexd, summary))
             else:
-                out.append(
-                    Entry(
-                        str(t).removeprefix("radmark."),
-                        hexd,
-                        {"created": obj.get("created"), "key": obj.get("key")},
-                    )
-                )
+                summary = {"created": obj.get("created"), "key": obj.get("key")}
+                out.append(Entry(str(t).removeprefix("radmark."), hexd, summary))
         return out
-
-
-# ---------------------------------------------------------------- portable key files
-
-
-def keyfile_bytes(record: PublicKeyRecord, secret_doc: dict[str, Any]) -> bytes:
-    return canonical_json(
-        {
-            "type": KEYFILE_TYPE,
-            "format_version": 1,
-            "public_record": record.signed,
-            "secret": secret_doc,
-        }
-    )
-
-
-def load_keyfile(path: Path, passphrase: PassphraseFn) -> tuple[SecretKey, PublicKeyRecord]:
-    """A self-contained owner key file (``keygen --out``): verified record + its secret."""
-    st = os.lstat(path) if os.path.lexists(path) else None
-    if st is None:
-        raise InputError(f"{path}: no such key file")
-    if st.st_mode & 0o077 and stat.S_ISREG(st.st_mode):
-        raise KeystoreError(
-            f"permissions {oct(st.st_mode & 0o777)} for {path} are too open; run: chmod 600 {path}"
-        )
-    data = read_regular_file(Path(path), max_bytes=1 << 20)
-    doc = _parse_canonical(data, str(path))
-    if doc.get("type") != KEYFILE_TYPE or not isinstance(doc.get("secret"), dict):
-        raise IntegrityError(f"{path}: not a radmark key file")
-    record = PublicKeyRecord.from_signed(doc.get("public_record"), str(path))
-    return open_secret(doc["secret"], record, passphrase, str(path)), record

@@ -1,32 +1,11 @@
-"""Verification kits and the exact black-box test: evidence from a suspect's outputs alone.
+"""Verification kits: held-out images marked once per decoy slot, for the exact black-box test.
 
 Per class c the true carrier u_c and K decoys drawn the same way are i.i.d. under H0 (a model
 that never saw the key). A kit is a set of clean held-out images of every class, each marked once
 per slot s = 0..K with the procedure of the mark record, class c's images pushed along slot s's
 carrier for c. One slot per class, π_c, holds the true carrier; the others hold decoys; π_c is
 drawn from the key, uniform and independent of everything else, and is never written anywhere.
-
-At verification, for every slot and class, a model's response is its mean centred logit of
-class c (z_c − mean_j z_j) over the kit's class-c images marked with that slot:
-
-    T_c(s) = mean_{i: y_i = c} [z_c(x̃_{s,i}) − mean_j z_j(x̃_{s,i})]
-
-Most of T's variation across slots is common to every model trained on the same kind of data (a
-given carrier's perturbation happens to look more or less like class c), so it is removed with a
-reference that is independent of the key: the marking network itself (trained on clean data before
-the key existed). Per class, the suspect's T is regressed on the marker's over the slots and the
-residual R_c(s) = (T_c(s) − mean) − b_c (T^ref_c(s) − mean) is the score (b_c by least squares over
-all slots, a symmetric function of them). The class's rank is r_c = 1 + #{s ≠ π_c : R_c(s) ≥
-R_c(π_c)} (ties count against us).
-Why it is exact: under H0 the slot carriers are i.i.d. whatever π is (true and decoy carriers
-are drawn alike), so the suspect's and the reference's responses (T, T^ref) are independent of π,
-and so is any score computed from them; π_c is uniform, so the rank of the score at π_c is uniform
-on {1..K+1} (or stochastically larger with ties) whatever the model is;
-the paired test across images with one decoy set (method.md, "Trap, measured") is invalid
-because the images share the carrier draw — here the carrier draw is the unit. Classes use
-disjoint, independent draws, so ranks are independent across classes and are combined with their
-exact discrete null (:func:`radmark.stats.rank_log_sf`), far less conservative than Fisher on
-discrete p-values. The floor is (K+1)^−C: K = 39 with 10 classes reaches log10 p = −16.
+The test itself (ranks of the true slots, and why it is exact) is ``verify/black_box.py``.
 
 Marking every slot costs (K+1) × (images) markings, so it is done once, after marking, and
 stored in the keystore (``kits/``, 0600: the kit holds images marked with the true carrier) with
@@ -41,24 +20,25 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from radmark import __version__
-from radmark.canonical import address, utc_timestamp
-from radmark.errors import InputError, IntegrityError, KeystoreError, ModelError, UsageError
+from radmark.canonical import address
+from radmark.errors import InputError, IntegrityError, KeystoreError, UsageError
 from radmark.keys.carriers import carriers_digest, derive_carriers
 from radmark.keys.keypair import SecretKey
-from radmark.keys.store import KIT_RECORD_TYPE, Keystore, MarkRecord
-from radmark.verify.statistics import LN10, rank_log_sf
+from radmark.keys.records import KitRecord, MarkRecord, kit_record_body
+from radmark.keys.store import Keystore
+
+if TYPE_CHECKING:
+    from radmark.models.loaded import LoadedModel
 
 KIT_FORMAT = "radmark-kit-v1"
 STATISTIC = (
     "mean centred logit of the class over its kit images, residual of a per-class least-squares "
     "fit on the marker's over the slots"
 )
-BLACK_BOX_TEST = "black_box_rank"
 DEFAULT_DECOYS = 39
 DEFAULT_PER_CLASS = 10
 MAX_KIT_IMAGES = 5_000_000  # slots × images; beyond this a kit would be gigabytes
@@ -86,7 +66,6 @@ class KitBuildResult:
 class Kit:
     """A loaded, hash-checked kit: ``marked`` uint8 [S, N, ch, H, W], ``labels`` int64 [N]."""
 
-    record: dict[str, Any]
     address: str
     clean: np.ndarray
     labels: np.ndarray
@@ -95,15 +74,6 @@ class Kit:
     @property
     def slots(self) -> int:
         return int(self.marked.shape[0])
-
-
-@dataclass(frozen=True)
-class BlackBoxResult:
-    """Per-class ranks of the true slot (1 = the suspect prefers the true carrier most)."""
-
-    ranks: list[int]
-    slots: int
-    log10_p: float
 
 
 # ---------------------------------------------------------------- secret derivations
@@ -132,16 +102,11 @@ def true_slots(key: SecretKey, record_address: str, num_classes: int, slots: int
     return out
 
 
-def slot_carriers(
-    key: SecretKey, record: MarkRecord, decoys: int, marker_id: str
-) -> tuple[np.ndarray, np.ndarray]:
+def slot_carriers(key: SecretKey, record: MarkRecord, decoys: int) -> tuple[np.ndarray, np.ndarray]:
     """Carriers per slot, float32 [S, C, d], and the true slots π [C]; checks the commitment."""
-    d, c = int(record.signed["dim"]), int(record.signed["num_classes"])
+    d, c, marker_id = record.dim, record.num_classes, record.marker.id
     true = derive_carriers(key.carrier_seed(), d, c, marker_id)
-    if carriers_digest(true) != record.signed["carriers"]["sha256"]:
-        raise IntegrityError(
-            f"the key does not derive the carriers committed in record {address(record.address)}"
-        )
+    record.check_carriers(carriers_digest(true))
     s = decoys + 1
     pi = true_slots(key, record.address, c, s)
     out = np.empty((s, c, d), dtype=np.float32)
@@ -238,6 +203,7 @@ def build_kit(
     key: SecretKey,
     probe: Sequence[str],
     marker_spec: str | None = None,
+    marker: LoadedModel | None = None,
     decoys: int = DEFAULT_DECOYS,
     per_class: int = DEFAULT_PER_CLASS,
     device: str = "cpu",
@@ -248,11 +214,11 @@ def build_kit(
 
     ``probe``: clean, labelled held-out shards (never the training data: a suspect's response to
     images it memorised says less). The first ``per_class`` images of each class are used.
+    ``marker``: the record's marker when the caller has it loaded already (identity checked).
     """
     from radmark.data.arrays import load_labelled_images
-    from radmark.marking.radioactive import MarkingParams
-    from radmark.models import load_model
-    from radmark.models.markers import marker_identity
+    from radmark.marking.methods import get_method
+    from radmark.models.markers import load_marker
 
     t0 = time.perf_counter()
     if decoys < 1:
@@ -262,20 +228,15 @@ def build_kit(
     if not probe:
         raise UsageError("pass --probe SHARDS: clean labelled held-out images, never marked")
     if not key.matches(record.key):
-        raise KeystoreError(
-            f"the key given is not the key of mark record {address(record.address)[:19]}"
+        raise KeystoreError(f"the key given is not the key of mark record {record.short}")
+    if record.method != "radioactive":
+        raise UsageError(
+            f"mark record {record.short} was made with the {record.method!r} method; decoy "
+            "kits are for the radioactive method"
         )
-    m = record.signed["marker"]
-    spec = marker_spec or m.get("source")
-    if not spec:
-        raise UsageError("the mark record does not say where its marker is: pass --marker FILE")
-    marker = load_model(spec, device=device)
-    if marker_identity(marker.name, marker.sha256) != m["id"]:
-        raise ModelError(
-            f"marker {spec} is {marker_identity(marker.name, marker.sha256)}, "
-            f"but the mark was made with {m['id']}"
-        )
-    c = int(record.signed["num_classes"])
+    if marker is None or marker.identity != record.marker.id:
+        marker = load_marker(record.marker, marker_spec, device, record=record.short)
+    c = record.num_classes
     data = load_labelled_images(probe, num_classes=c)
     idx = _select_per_class(data.labels, c, per_class, ", ".join(probe))
     clean, labels = data.images[idx], data.labels[idx]
@@ -284,38 +245,29 @@ def build_kit(
         raise UsageError(
             f"a kit of {s} slots × {n} images is too large: lower --decoys or --per-class"
         )
-    carriers, _pi = slot_carriers(key, record, decoys, m["id"])
-    params = MarkingParams.from_dict(record.signed["params"])
-
-    def features(x: Any) -> Any:
-        return marker.features(x[:, :1] if marker.in_chans == 1 else x)
-
+    carriers, _pi = slot_carriers(key, record, decoys)
+    params = get_method(record.method).params_from_record(record.params)
     marked, ps = mark_kit_images(
-        clean, labels, carriers, features, params, device=device, batch_size=batch_size,
+        clean, labels, carriers, marker.features, params, device=device, batch_size=batch_size,
         progress=progress,
     )  # fmt: skip
     meta = {"format": KIT_FORMAT, "mark_record": record.address}
     blob = _kit_bytes(clean, labels, marked, meta)
     kit_hex = store.put_kit(blob)
-    finite = ps[np.isfinite(ps)]
-    body = {
-        "type": KIT_RECORD_TYPE,
-        "format_version": 1,
-        "key": record.fingerprint,
-        "created": utc_timestamp(),
-        "radmark_version": __version__,
-        "mark_record": record.address,
-        "marker": m["id"],
-        "kit": {"format": KIT_FORMAT, "sha256": kit_hex, "bytes": len(blob)},
-        "decoys": decoys,
-        "per_class": per_class,
-        "images": n,
-        "image_shape": [int(v) for v in clean.shape[1:]],
-        "statistic": STATISTIC,
-        "augmentation_seed": 0,
-        "probe": [str(p) for p in probe],
-    }
+    body = kit_record_body(
+        record=record,
+        kit_format=KIT_FORMAT,
+        kit_sha256=kit_hex,
+        kit_bytes=len(blob),
+        decoys=decoys,
+        per_class=per_class,
+        images=n,
+        image_shape=clean.shape[1:],
+        statistic=STATISTIC,
+        probe=probe,
+    )
     kit_record = store.put(key.sign(body))
+    finite = ps[np.isfinite(ps)]
     return KitBuildResult(
         fingerprint=address(record.fingerprint),
         mark_record=address(record.address),
@@ -335,139 +287,50 @@ def build_kit(
 # ---------------------------------------------------------------- loading
 
 
-def load_kit(store: Keystore, kit_address: str) -> Kit:
+def load_kit(store: Keystore, rec: KitRecord) -> tuple[KitRecord, Kit]:
     """The kit of a kit record, its hash and shapes checked against the signed record."""
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
-    rec = store.objects[kit_address]
-    blob = store.read_kit(rec["kit"]["sha256"])
-    where = f"kit {address(rec['kit']['sha256'])[:19]}"
+    blob = store.read_kit(rec.kit_sha256)
+    where = f"kit {address(rec.kit_sha256)[:19]}"
     try:
         tensors = load(blob)
         n_head = int.from_bytes(blob[:8], "little")
         meta = json.loads(blob[8 : 8 + n_head]).get("__metadata__", {})
     except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
         raise IntegrityError(f"{where}: not a valid kit ({exc})") from None
-    if meta.get("mark_record") != rec["mark_record"] or meta.get("format") != KIT_FORMAT:
-        raise IntegrityError(f"{where}: does not belong to kit record {address(kit_address)[:19]}")
+    if meta.get("mark_record") != rec.mark_record or meta.get("format") != KIT_FORMAT:
+        raise IntegrityError(f"{where}: does not belong to kit record {address(rec.address)[:19]}")
     try:
         clean, labels, marked = tensors["clean"], tensors["labels"], tensors["marked"]
     except KeyError:
         raise IntegrityError(f"{where}: missing tensors") from None
-    s, n = int(rec["decoys"]) + 1, int(rec["images"])
-    shape = tuple(int(v) for v in rec["image_shape"])
+    s, n = rec.slots, rec.images
     if (
         clean.dtype != np.uint8
         or marked.dtype != np.uint8
         or labels.dtype != np.int64
-        or clean.shape != (n, *shape)
-        or marked.shape != (s, n, *shape)
+        or clean.shape != (n, *rec.image_shape)
+        or marked.shape != (s, n, *rec.image_shape)
         or labels.shape != (n,)
     ):
         raise IntegrityError(f"{where}: tensor shapes do not match its record")
-    return Kit(record=rec, address=kit_address, clean=clean, labels=labels, marked=marked)
+    return rec, Kit(address=rec.address, clean=clean, labels=labels, marked=marked)
 
 
-def kit_for(store: Keystore, record: MarkRecord) -> str:
-    """Address of the newest kit record of ``record`` (same key), or a one-line error."""
-    hits = [
-        (str(o.get("created")), h)
-        for h, o in store.objects.items()
-        if o.get("type") == KIT_RECORD_TYPE
-        and o.get("mark_record") == record.address
-        and o.get("key") == record.fingerprint
-    ]
-    if not hits:
+def kit_records(store: Keystore, record: MarkRecord) -> list[KitRecord]:
+    """The kit records of ``record`` (same key), oldest first."""
+    return [k for k in store.kit_records() if k.mark_record == record.address
+            and k.key_fingerprint == record.fingerprint]  # fmt: skip
+
+
+def newest_kit(store: Keystore, record: MarkRecord) -> KitRecord:
+    """The newest kit record of ``record``, or a one-line error saying how to build one."""
+    kits = kit_records(store, record)
+    if not kits:
         raise KeystoreError(
-            f"no verification kit for mark record {address(record.address)[:19]} in keystore "
-            f"{store.root}: run `radmark kit build {address(record.address)[:19]} --probe SHARDS`"
+            f"no verification kit for mark record {record.short} in keystore {store.root}: "
+            f"run `radmark kit build {record.short} --probe SHARDS`"
         )
-    return max(hits)[1]
-
-
-# ---------------------------------------------------------------- the test
-
-
-def slot_statistics(
-    logits_fn: Callable[[Any], Any],
-    kit: Kit,
-    num_classes: int,
-    *,
-    device: str = "cpu",
-    batch_size: int = 256,
-) -> np.ndarray:
-    """T [S, C]: mean centred logit of class c over the kit's class-c images marked with slot s."""
-    import torch
-
-    s, n = kit.marked.shape[:2]
-    out = np.zeros((s, num_classes), dtype=np.float64)
-    onehot = np.eye(num_classes, dtype=np.float64)[kit.labels]  # [N, C]
-    counts = onehot.sum(axis=0)
-    if np.any(counts == 0):
-        raise IntegrityError("the kit has no image of some class")
-    with torch.no_grad():
-        for slot in range(s):
-            chunks = []
-            for i in range(0, n, batch_size):
-                x = torch.from_numpy(kit.marked[slot, i : i + batch_size]).to(device)
-                z = logits_fn(x.float().div_(255.0)).double()
-                chunks.append((z - z.mean(dim=1, keepdim=True)).cpu().numpy())
-            z = np.concatenate(chunks)
-            if z.shape != (n, num_classes):
-                raise ModelError(
-                    f"the model gave outputs of shape {z.shape} on the kit, expected [{n}, {num_classes}]"
-                )
-            if not np.all(np.isfinite(z)):
-                raise ModelError("the model produced non-finite logits on the kit images")
-            out[slot] = (onehot * z).sum(axis=0) / counts
-    return out
-
-
-def residualise(stats: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Per class (column): the slots' T minus its least-squares fit on the reference's T.
-
-    Symmetric in the slots, and the reference never sees the key, so the residual is independent
-    of the true slot under H0 (module docstring): the test stays exact for any reference.
-    """
-    y = stats - stats.mean(axis=0, keepdims=True)
-    x = reference - reference.mean(axis=0, keepdims=True)
-    xx = np.sum(x * x, axis=0)
-    b = np.where(xx > 0, np.sum(x * y, axis=0) / np.where(xx > 0, xx, 1.0), 0.0)
-    return y - b * x
-
-
-def black_box_test(stats: np.ndarray, pi: np.ndarray) -> BlackBoxResult:
-    """Ranks of the true slots and their exact combined p (see the module docstring)."""
-    s, c = stats.shape
-    true = stats[pi, np.arange(c)]  # [C]
-    # all slots at or above the true one, minus the true slot itself: ties count against us
-    ranks = [int(r) for r in np.sum(stats >= true, axis=0)]
-    log_p = rank_log_sf(np.array(ranks), s)
-    return BlackBoxResult(ranks=ranks, slots=s, log10_p=log_p / LN10)
-
-
-def run_black_box(
-    logits_fn: Callable[[Any], Any],
-    reference_fn: Callable[[Any], Any] | None,
-    store: Keystore,
-    record: MarkRecord,
-    key: SecretKey,
-    *,
-    device: str = "cpu",
-    batch_size: int = 256,
-) -> BlackBoxResult:
-    """Load the record's kit, evaluate the suspect's outputs on it, rank the true slots.
-
-    ``reference_fn``: logits of a model independent of the key (the marker); None for the raw T.
-    """
-    kit = load_kit(store, kit_for(store, record))
-    c = int(record.signed["num_classes"])
-    if int(kit.labels.min()) < 0 or int(kit.labels.max()) >= c:
-        raise IntegrityError("the kit's labels do not match its mark record's classes")
-    pi = true_slots(key, record.address, c, kit.slots)
-    stats = slot_statistics(logits_fn, kit, c, device=device, batch_size=batch_size)
-    if reference_fn is not None:
-        ref = slot_statistics(reference_fn, kit, c, device=device, batch_size=batch_size)
-        stats = residualise(stats, ref)
-    return black_box_test(stats, pi)
+    return max(kits, key=lambda k: (k.created, k.address))

@@ -71,7 +71,8 @@ class _TimmFeatures(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        trunk = self.model.forward_features(x)  # type: ignore[operator]
+        feats = self.model.forward_head(trunk, pre_logits=True)  # type: ignore[operator]
         return torch.flatten(feats, 1)
 
 

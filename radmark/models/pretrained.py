@@ -65,7 +65,7 @@ def load_torchvision(spec: str, name: str, head: str | None, device: str) -> Loa
     from torchvision.models import get_model, get_model_weights
 
     try:
-        weights = get_model_weights(name).DEFAULT  # type: ignore[attr-defined]
+        weights = get_model_weights(name).DEFAULT
     except (ValueError, KeyError, AttributeError):
         raise ModelError(
             f"{spec}: torchvision has no pretrained classification model {name!r}; "
@@ -104,7 +104,7 @@ def load_torchvision(spec: str, name: str, head: str | None, device: str) -> Loa
 
 def load_timm(spec: str, name: str, head: str | None, device: str) -> LoadedModel:
     try:
-        import timm  # type: ignore[import-not-found]
+        import timm
     except ImportError:
         raise ModelError(
             f"{spec}: timm is not installed; pip install timm, or export the model to .safetensors"

@@ -19,11 +19,19 @@ penultimate layer is unrelated to the marker's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from radmark.errors import InputError, ModelError
+from radmark.verify.tests import TestResult, register_test
+
+if TYPE_CHECKING:
+    from radmark.keys.keypair import SecretKey
+    from radmark.keys.records import MarkRecord
+    from radmark.verify.evidence import Evidence
+
+PULLBACK = "pullback_fisher"
 
 
 def pullback_directions(
@@ -87,7 +95,7 @@ def pullback_directions(
                     (g,) = torch.autograd.grad(objective.sum(), xg, retain_graph=True)
                     with warnings.catch_warnings():  # its first call loads jit decompositions
                         warnings.simplefilter("ignore", FutureWarning)
-                        _, tangent = jvp(marker_features, (x,), (g,))
+                        _, tangent = jvp(marker_features, (x,), (g,))  # type: ignore[misc]
                     part = tangent.detach().double().sum(dim=0).cpu().numpy()
                     rows[j] = part if rows[j].size == 0 else rows[j] + part
     v = np.stack(rows)
@@ -97,22 +105,6 @@ def pullback_directions(
     if np.any(norms == 0):
         raise ModelError("the model's class scores do not depend on its input (zero gradients)")
     return v / norms
-
-
-def loaded_logits(model: Any) -> Callable[[Any], Any]:
-    """Logits of a :class:`~radmark.models.LoadedModel` on images in [0, 1] (grayscale adapted)."""
-    import torch
-
-    def fn(x: Any) -> Any:
-        if model.in_chans == 1 and x.shape[1] == 3:
-            x = x[:, :1]
-        elif model.in_chans == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(model.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(model.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return model.model((x - mean) / std)
-
-    return fn
 
 
 def residual_cosines(v: np.ndarray, v_ref: np.ndarray, carriers: np.ndarray) -> np.ndarray:
@@ -138,3 +130,35 @@ def residual_cosines(v: np.ndarray, v_ref: np.ndarray, carriers: np.ndarray) -> 
         else:
             out[k] = float(np.clip(a @ b / (na * nb), -1.0, 1.0))
     return out
+
+
+class PullbackTest:
+    """Fisher over cos(P_k v_k, P_k u_k), the marker's own direction removed (exact, null in d−1)."""
+
+    name = PULLBACK
+    exact = True
+    randomisation = "carriers"
+    needs = frozenset({"probe"})
+    description = (
+        "Fisher over cos(J_φ·∇logit, u_k), the marker's own direction removed "
+        "(white box, no alignment)"
+    )
+
+    def available(self, evidence: Evidence, record: MarkRecord) -> str | None:
+        return None if evidence.probe is not None else "it needs --probe (clean images)"
+
+    def run(self, evidence: Evidence, record: MarkRecord, key: SecretKey) -> TestResult:
+        from radmark.verify.white_box import carriers_for, fisher_cosine_test
+
+        v, v_ref, labelled = evidence.pullback(record)
+        how = "class-conditional margin" if labelled else "all-image logit"
+        return fisher_cosine_test(
+            self.name,
+            residual_cosines(v, v_ref, carriers_for(record, key)),
+            record.dim - 1,
+            f"Fisher over cos(J_φ·∇logit, u_k), {how} gradients, the marker's own direction "
+            "removed (white box, no alignment)",
+        )
+
+
+register_test(PullbackTest())

@@ -19,8 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from radmark.cli import app
-from radmark.data.shards import iter_samples
-from radmark.marking.run import LOCK, MANIFEST
+from radmark.data.sources import iter_samples
+from radmark.marking.manifest import LOCK, MANIFEST
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 runner = CliRunner()
@@ -283,7 +283,7 @@ def test_unwritable_output_directory(world, tmp_path: Path, monkeypatch) -> None
 
 def test_disk_full_exit_2_no_partial_shard(world, tmp_path: Path, monkeypatch) -> None:
     """ENOSPC half-way through the second shard's bytes (simulated in the shard writer)."""
-    import radmark.data.shards as shards_mod
+    import radmark.data.writer as shards_mod
 
     real_write = shards_mod._HashingWriter.write
     writers: list[object] = []

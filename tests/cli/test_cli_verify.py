@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from radmark import SCHEMA_VERSION
 from radmark.cli import app
-from radmark.data.shards import write_dataset
+from radmark.data.writer import write_dataset
 from radmark.keys.manage import generate_key
 from radmark.keys.store import Keystore
 from radmark.models import build_model, save_model
@@ -108,9 +108,14 @@ def verify(world: dict[str, Any], model: Any, *extra: Any, probe: bool = True, m
 
 
 def one_error_line(res, *needles: str) -> str:
-    """Exit 2, nothing on stdout, exactly one stderr line naming the problem."""
+    """Exit 2, exactly one stderr line naming the problem, and on stdout nothing, or under --json
+    exactly one JSON error object carrying the same message (issue #12)."""
     assert res.exit_code == 2, (res.exit_code, res.output)
-    assert res.stdout.strip() == "", res.stdout
+    if res.stdout.strip():
+        doc = json.loads(res.stdout)
+        assert set(doc) == {"schema_version", "error"}, doc
+        assert set(doc["error"]) == {"kind", "message"}
+        assert doc["error"]["message"] in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("radmark: error: "), lines[0]
@@ -294,7 +299,7 @@ def test_marker_from_the_record_or_from_marker(world: dict[str, Any]) -> None:
     """Without --marker: the record's marker path if it has one (hash checked), else one line
     asking for --marker; a recorded marker that moved names the path and --marker."""
     rec = Keystore.open(world["ks"]).mark_record(world["records"][world["k1"]])
-    source = rec.signed["marker"].get("source")
+    source = rec.marker.source
     if not source:
         one_error_line(
             verify(world, world["clean"], "--key", world["k1"], marker=False), "--marker"

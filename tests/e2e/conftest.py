@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from radmark.cli import app
 from radmark.data.arrays import load_labelled_images
-from radmark.data.shards import write_dataset
+from radmark.data.writer import write_dataset
 from radmark.keys.manage import generate_key
 from radmark.models import load_model, resolve_head, save_model
 from radmark.models.training import train_classifier

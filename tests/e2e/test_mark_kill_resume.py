@@ -2,7 +2,7 @@
 
 ``radmark mark`` runs as a real subprocess and is SIGKILLed again and again: at random times in
 [0, T] (T = the measured uninterrupted duration) and at exact points placed with the test-only
-hook ``RADMARK_TEST_KILL_AT`` (after a marked batch, half-way through writing a shard's temp file,
+hook ``RADMARK_TEST_KILL_AT``, read only by ``tests/kill_hook.py`` (after a marked batch, half-way through writing a shard's temp file,
 after a shard's rename but before the manifest update). Each kill is followed by ``--resume``.
 When a chain finally completes, every output shard and every per-shard manifest entry must equal
 an uninterrupted run's, the inputs must be unchanged and no temp file may remain.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from radmark.marking.run import MANIFEST
+from radmark.marking.manifest import MANIFEST
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 SHARDS, PER_SHARD = 6, 8
@@ -30,7 +30,7 @@ SHARDS, PER_SHARD = 6, 8
 
 def _cmd(root: Path, out: Path, resume: bool) -> list[str]:
     return [
-        sys.executable, "-m", "radmark", "mark", str(root / "in"),
+        sys.executable, "-m", "tests.kill_hook", "mark", str(root / "in"),
         "--key", str(root / "owner.key"), "--keystore", str(root / "ks"),
         "--out", str(out), "--marker", str(root / "marker.safetensors"),
         "--fraction", "0.5", "--steps", "2", "--batch-size", "2", "--json",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from radmark.keys.carriers import derive_carriers
-from radmark.keys.store import load_keyfile
+from radmark.keys.sealing import load_keyfile
 from radmark.models import load_model
 from tests.factories import make_key, make_marker, make_shards
 

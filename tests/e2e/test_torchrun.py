@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from radmark.cli import app
 from radmark.keys.manage import show_object
-from radmark.marking.run import MANIFEST
+from radmark.marking.manifest import MANIFEST
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"

@@ -21,14 +21,12 @@ from typer.testing import CliRunner
 
 from radmark.canonical import b64encode
 from radmark.cli import app
-from radmark.data.arrays import load_images
 from radmark.keys.carriers import derive_carriers
 from radmark.keys.keypair import SecretKey
 from radmark.keys.store import Keystore
-from radmark.models import load_model
-from radmark.verify.alignment import fit_alignment, map_classifier
-from radmark.verify.run import VERDICT_TEST, white_box
-from radmark.verify.statistics import LN10
+from radmark.verify.evidence import Evidence, prepare
+from radmark.verify.tests import score
+from radmark.verify.white_box import WHITE_BOX
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +110,7 @@ def _carrier_needles(e2e: dict[str, Any]) -> list[str]:
     store = Keystore.open(e2e["keystore"])
     key = store.secret(e2e["fingerprint"], lambda: None)[0]
     rec = store.mark_record(e2e["record"])
-    u = derive_carriers(key.carrier_seed(), 128, 10, rec.signed["marker"]["id"])
+    u = derive_carriers(key.carrier_seed(), 128, 10, rec.marker.id)
     needles = []
     for row in u[:3]:
         # As the report formats per-class values, five in a row (chance match: impossible) ...
@@ -157,55 +155,43 @@ def test_rich_report_contents_and_no_secrets(e2e: dict[str, Any], runs: dict[str
         assert needle not in everything, needle
 
 
-def _mapped_classifier(e2e: dict[str, Any], model: str) -> tuple[np.ndarray, str]:
-    import torch
-
-    images, _ = load_images([str(e2e["probe"])])
-    x = torch.from_numpy(images).float().div_(255.0)
-    marker = load_model(e2e["marker"])
-    suspect = load_model(e2e[model])
-    with torch.no_grad():
-        f_m = marker.features(x).double().numpy()
-        f_s = suspect.features(x).double().numpy()
-    al = fit_alignment(f_m, f_s)
-    marker_id = Keystore.open(e2e["keystore"]).mark_record(e2e["record"]).signed["marker"]["id"]
-    return map_classifier(suspect.weight().numpy(), al), marker_id
-
-
-@pytest.mark.parametrize("model", ["control", "suspect"])
-def test_library_path_is_what_the_cli_computed(
-    e2e: dict[str, Any], runs: dict[str, Any], model: str
-) -> None:
-    """The null test below rebuilds verify's statistic from the library; check it is the same."""
-    w_tilde, marker_id = _mapped_classifier(e2e, model)
+def _evidence(e2e: dict[str, Any], model: str) -> tuple[Evidence, Any, Any]:
+    """The verification seam's Evidence for ``model``, the record and the owner's key."""
     store = Keystore.open(e2e["keystore"])
-    key = store.secret(e2e["fingerprint"], lambda: None)[0]
-    u = derive_carriers(key.carrier_seed(), 128, 10, marker_id).astype(np.float64)
-    cos = np.sum(w_tilde * u, axis=1)
-    (r,) = _doc(runs[model, "json"])["results"]
-    np.testing.assert_allclose(cos, r["cosines"], atol=1e-6)
-    assert white_box(cos, 128)[2] / LN10 == pytest.approx(
-        r["tests"][VERDICT_TEST]["log10_p"], abs=1e-4
+    evidence = prepare(str(e2e[model]), store=store, probe=[str(e2e["probe"])])
+    return (
+        evidence,
+        store.mark_record(e2e["record"]),
+        store.secret(e2e["fingerprint"], lambda: None)[0],
     )
 
 
 @pytest.mark.parametrize("model", ["control", "suspect"])
+def test_seam_is_what_the_cli_computed(
+    e2e: dict[str, Any], runs: dict[str, Any], model: str
+) -> None:
+    """The null test below scores keys through the seam verify uses; the owner's key gives the
+    CLI's numbers exactly."""
+    evidence, record, key = _evidence(e2e, model)
+    tests = score(evidence, record, key, [WHITE_BOX])
+    (r,) = _doc(runs[model, "json"])["results"]
+    np.testing.assert_allclose(tests[WHITE_BOX].units, r["cosines"], atol=1e-6)
+    assert tests[WHITE_BOX].log10_p == pytest.approx(r["tests"][WHITE_BOX]["log10_p"], abs=1e-4)
+
+
+@pytest.mark.parametrize("model", ["control", "suspect"])
 def test_null_calibration_1000_random_keys(e2e: dict[str, Any], model: str) -> None:
-    """verify's exact test (white_box) on one model against 1000 keys it never saw: uniform.
+    """verify's exact test on one model against 1000 keys it never saw: uniform.
 
     Holds for the clean model and equally for the marked one (it saw other carriers only).
     The keys are fixed (hashes of a counter). 1000 rather than 200 because with 200 the KS test
     is a coarse check (one fixed set of 200 keys gave KS p = 0.005 for a marked model, while
     2000 other keys gave 0.87 for the same model)."""
-    w_tilde, marker_id = _mapped_classifier(e2e, model)
-    c, d = w_tilde.shape[0], 128
+    evidence, record, _key = _evidence(e2e, model)
     log_p = []
     for i in range(N_NULL_KEYS):
         key = SecretKey(hashlib.sha256(f"radmark-null-{model}-{i}".encode()).digest())
-        u = derive_carriers(key.carrier_seed(), d, c, marker_id).astype(np.float64)
-        _, tests, combined = white_box(np.sum(w_tilde * u, axis=1), d)
-        assert tests[VERDICT_TEST].log10_p == pytest.approx(combined / LN10)
-        log_p.append(combined)
+        log_p.append(score(evidence, record, key, [WHITE_BOX])[WHITE_BOX].log_p)
     p = np.exp(np.array(log_p))
     ks = stats.kstest(p, "uniform")
     below = int(np.sum(p < 0.01))

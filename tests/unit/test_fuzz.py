@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radmark.data.shards import decode_image, iter_samples, write_dataset
+from radmark.data.images import decode_image
+from radmark.data.sources import iter_samples
+from radmark.data.writer import write_dataset
 from radmark.errors import RadmarkError
 
 SHARD_CASES = 3000

@@ -10,7 +10,8 @@ from radmark.canonical import address, canonical_json
 from radmark.errors import IntegrityError, KeystoreError, RadmarkError
 from radmark.keys.keypair import PublicKeyRecord, SecretKey
 from radmark.keys.manage import generate_key, load_secret_key
-from radmark.keys.store import Keystore, load_keyfile
+from radmark.keys.sealing import load_keyfile
+from radmark.keys.store import Keystore
 
 VECTORS = json.loads((Path(__file__).parents[2] / "keys" / "test-vectors.json").read_text())
 FAST_N = 2**10  # scrypt cost for tests; production uses 2**15
@@ -151,7 +152,7 @@ def test_objects_are_canonical_and_content_addressed(tmp_path: Path) -> None:
 
 def test_mark_record_signed_by_another_key_refused(tmp_path: Path) -> None:
     """A record that names key A but carries key B's signature is refused at open."""
-    from radmark.keys.store import MARK_RECORD_TYPE
+    from radmark.keys.records import MARK_RECORD_TYPE
 
     ks = tmp_path / "ks"
     a = generate_key(ks, passphrase=None, scrypt_n=FAST_N)

@@ -1,4 +1,5 @@
-"""Verification kits and the black-box decoy-rank test (radmark/kit.py).
+"""Verification kits (radmark/marking/kit.py) and the black-box decoy-rank test
+(radmark/verify/black_box.py).
 
 The null-calibration test runs the real pipeline (slot carriers from the key, marking of every
 slot, the suspect's outputs, ranks, exact combination) for hundreds of fresh keys against a
@@ -15,21 +16,19 @@ import torch
 
 from radmark.canonical import canonical_json
 from radmark.errors import IntegrityError
-from radmark.keys.carriers import carriers_digest, derive_carriers
+from radmark.keys.carriers import CARRIER_FORMAT, carriers_digest, derive_carriers
 from radmark.keys.keypair import SecretKey
-from radmark.keys.store import MarkRecord
-from radmark.marking.kit import (
-    black_box_test,
-    decoy_carriers,
-    mark_kit_images,
-    residualise,
-    slot_carriers,
-    slot_statistics,
-    true_slots,
-)
+from radmark.keys.records import MarkerRef, MarkRecord, mark_record_body
+from radmark.marking.kit import Kit, decoy_carriers, mark_kit_images, slot_carriers, true_slots
 from radmark.marking.radioactive import get_preset
 from radmark.models import build_model, load_model
-from radmark.verify.pullback import loaded_logits
+from radmark.verify.black_box import (
+    BLACK_BOX,
+    rank_result,
+    residualise,
+    slot_statistics,
+    true_slot_ranks,
+)
 from radmark.verify.statistics import LN10, rank_log_sf
 from tests.factories import fmnist, make_marker
 
@@ -42,20 +41,29 @@ def _key(i: int) -> SecretKey:
 
 
 def _record(key: SecretKey, d: int = D, c: int = C) -> MarkRecord:
-    """A mark record as verify sees it (only the fields the kit uses), committed to key's carriers."""
+    """A schema-valid mark record committed to key's carriers (no marking done)."""
     carriers = derive_carriers(key.carrier_seed(), d, c, MARKER_ID)
-    body = {
-        "type": "radmark.mark",
-        "dim": d,
-        "num_classes": c,
-        "marker": {"id": MARKER_ID},
-        "carriers": {"sha256": carriers_digest(carriers)},
-    }
     rec = key.public_record(created="2026-11-23T00:00:00Z")
-    signed = key.sign({**body, "key": rec.fingerprint})
-    return MarkRecord(
-        signed=signed, address=hashlib.sha256(canonical_json(signed)).hexdigest(), key=rec
+    body = mark_record_body(
+        key_fingerprint=rec.fingerprint,
+        method="radioactive",
+        marker=MarkerRef(MARKER_ID, "smallcnn", "smallcnn", "ab" * 32, d, None),
+        num_classes=c,
+        carriers={"format": CARRIER_FORMAT, "sha256": carriers_digest(carriers)},
+        params=get_preset("default").to_dict(),
+        fraction=1.0,
+        selection_rule="test",
+        label_field="cls",
+        counts={"images": 0, "marked": 0, "skipped": 0},
+        shards=[],
     )
+    signed = key.sign(body)
+    return MarkRecord.from_signed(signed, hashlib.sha256(canonical_json(signed)).hexdigest(), rec)
+
+
+def black_box_test(stats: np.ndarray, pi: np.ndarray):  # -> TestResult
+    """The black-box test's ranks and exact combination, as verify computes them."""
+    return rank_result(true_slot_ranks(stats, pi), stats.shape[0], "", "carriers", BLACK_BOX)
 
 
 def test_true_slots_are_deterministic_in_range_and_key_dependent() -> None:
@@ -81,7 +89,7 @@ def test_true_slots_are_uniform_over_keys() -> None:
 def test_slot_carriers_hold_the_true_carrier_at_its_slot_and_fresh_decoys_elsewhere() -> None:
     k = _key(2)
     rec = _record(k)
-    carriers, pi = slot_carriers(k, rec, 9, MARKER_ID)
+    carriers, pi = slot_carriers(k, rec, 9)
     true = derive_carriers(k.carrier_seed(), D, C, MARKER_ID)
     assert carriers.shape == (10, C, D) and carriers.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(carriers, axis=2), 1.0, atol=1e-5)
@@ -94,14 +102,14 @@ def test_slot_carriers_hold_the_true_carrier_at_its_slot_and_fresh_decoys_elsewh
     d0 = decoy_carriers(k, 0, D, C, MARKER_ID)
     assert np.array_equal(d0, decoy_carriers(k, 0, D, C, MARKER_ID))
     assert not np.array_equal(d0, true)
-    again, pi2 = slot_carriers(k, rec, 9, MARKER_ID)
+    again, pi2 = slot_carriers(k, rec, 9)
     assert np.array_equal(again, carriers) and np.array_equal(pi, pi2)
 
 
 def test_slot_carriers_refuse_a_key_that_does_not_match_the_commitment() -> None:
     rec = _record(_key(3))
     with pytest.raises(IntegrityError, match="carriers committed"):
-        slot_carriers(_key(4), rec, 4, MARKER_ID)
+        slot_carriers(_key(4), rec, 4)
 
 
 def test_black_box_ranks_count_ties_against_the_owner() -> None:
@@ -110,7 +118,7 @@ def test_black_box_ranks_count_ties_against_the_owner() -> None:
     stats[:, 1] = 0.5  # class 1: all tied -> rank 5 (worst)
     stats[:, 2] = [2.0, 1.0, -1.0, -1.0, -1.0]  # class 2: one decoy above true slot 1 -> rank 2
     res = black_box_test(stats, np.array([2, 3, 1]))
-    assert res.ranks == [1, 5, 2]
+    assert [int(r) for r in res.units] == [1, 5, 2]
     assert res.slots == 5
     assert res.log10_p == pytest.approx(rank_log_sf(np.array([1, 5, 2]), 5) / LN10)
 
@@ -126,13 +134,6 @@ def nets(tmp_path_factory: pytest.TempPathFactory):
     return marker, clean_model, images[idx][:, None], labels[idx]
 
 
-def _features(marker):
-    def phi(x):
-        return marker.features(x[:, :1])
-
-    return phi
-
-
 def _logits(model):
     def fn(x):
         return model((x[:, :1] - 0.5) / 0.25)
@@ -140,11 +141,12 @@ def _logits(model):
     return fn
 
 
+@pytest.mark.slow
 def test_null_calibration_over_200_keys(nets) -> None:
     """A model that never saw any key: P(p <= a) <= a (binomial 99.9% slack) at every level."""
     marker, clean_model, images, labels = nets
     params = get_preset("default", steps=2)
-    ref = loaded_logits(marker)  # the verify-time reference: the marker's own logits
+    ref = marker.logits  # the verify-time reference: the marker's own logits
     ps: list[float] = []
     raw: list[float] = []
     torch.set_num_threads(1)
@@ -152,11 +154,9 @@ def test_null_calibration_over_200_keys(nets) -> None:
     images, labels = images[one], labels[one]
     for i in range(200):
         k = _key(1000 + i)
-        carriers, pi = slot_carriers(k, _record(k), 9, MARKER_ID)
-        marked, _ = mark_kit_images(images, labels, carriers, _features(marker), params)
-        from radmark.marking.kit import Kit
-
-        kit = Kit(record={}, address="", clean=images, labels=labels, marked=marked)
+        carriers, pi = slot_carriers(k, _record(k), 9)
+        marked, _ = mark_kit_images(images, labels, carriers, marker.features, params)
+        kit = Kit(address="", clean=images, labels=labels, marked=marked)
         t = residualise(slot_statistics(_logits(clean_model), kit, C), slot_statistics(ref, kit, C))
         ps.append(black_box_test(t, pi).log10_p)
         raw.append(black_box_test(slot_statistics(_logits(clean_model), kit, C), pi).log10_p)
@@ -175,29 +175,27 @@ def test_power_on_a_model_that_reads_the_carriers(nets) -> None:
     """A suspect whose class-c logit is φ·u_c prefers the true carriers: ranks 1, floor reached."""
     marker, _clean, images, labels = nets
     k = _key(7)
-    carriers, pi = slot_carriers(k, _record(k), 9, MARKER_ID)
+    carriers, pi = slot_carriers(k, _record(k), 9)
     true = derive_carriers(k.carrier_seed(), D, C, MARKER_ID)
     w = torch.from_numpy(true)
     marked, psnr = mark_kit_images(
-        images, labels, carriers, _features(marker), get_preset("default", steps=20, radius=8)
+        images, labels, carriers, marker.features, get_preset("default", steps=20, radius=8)
     )
     assert np.all(psnr > 30)
-    from radmark.marking.kit import Kit
-
-    kit = Kit(record={}, address="", clean=images, labels=labels, marked=marked)
+    kit = Kit(address="", clean=images, labels=labels, marked=marked)
 
     def reads(x):
-        return marker.features(x[:, :1]) @ w.T
+        return marker.features(x) @ w.T
 
     res = black_box_test(slot_statistics(reads, kit, C), pi)
-    assert sum(r == 1 for r in res.ranks) >= 8, res.ranks
+    assert sum(r == 1 for r in res.units) >= 8, res.units
     assert res.log10_p < -6
     # The reference residual keeps that evidence (the marker's own head does not read u).
     adj = black_box_test(
-        residualise(slot_statistics(reads, kit, C), slot_statistics(loaded_logits(marker), kit, C)),
+        residualise(slot_statistics(reads, kit, C), slot_statistics(marker.logits, kit, C)),
         pi,
     )
-    assert adj.log10_p < -6, adj.ranks
+    assert adj.log10_p < -6, adj.units
 
 
 def test_residualise_is_symmetric_in_the_slots_and_removes_the_reference() -> None:
@@ -216,10 +214,10 @@ def test_marking_is_the_same_function_for_every_slot(nets) -> None:
     """Two slots with the same carriers give the same bytes: only the carrier differs."""
     marker, _clean, images, labels = nets
     k = _key(8)
-    carriers, _ = slot_carriers(k, _record(k), 2, MARKER_ID)
+    carriers, _ = slot_carriers(k, _record(k), 2)
     carriers[1] = carriers[0]
     marked, _ = mark_kit_images(
-        images, labels, carriers, _features(marker), get_preset("default", steps=3)
+        images, labels, carriers, marker.features, get_preset("default", steps=3)
     )
     assert np.array_equal(marked[0], marked[1])
     assert not np.array_equal(marked[0], marked[2])

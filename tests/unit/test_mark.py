@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radmark.data.shards import iter_samples
+from radmark.data.sources import iter_samples
 from radmark.errors import InputError
 from radmark.keys.manage import load_secret_key, show_object
-from radmark.marking.run import MANIFEST, MarkOptions, Progress, is_selected, mark_shards
+from radmark.marking.manifest import MANIFEST
+from radmark.marking.run import MarkOptions, Progress, mark_shards
+from radmark.marking.selection import is_selected
 from tests.factories import fmnist, make_key, make_marker, make_shards, sha256_tree, temp_files
 
 

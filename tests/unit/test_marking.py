@@ -14,18 +14,10 @@ import torch
 from torch import nn
 
 from radmark.errors import UsageError
-from radmark.marking.radioactive import (
-    NORM_STD,
-    PRESETS,
-    MarkBatchResult,
-    MarkingParams,
-    _project,
-    _random_views,
-    _round_levels,
-    get_preset,
-    mark_batch,
-    psnr,
-)
+from radmark.marking.budget import NORM_STD, project_linf, psnr, round_levels
+from radmark.marking.methods import MarkBatchResult
+from radmark.marking.radioactive import PRESETS, MarkingParams, get_preset, mark_batch
+from radmark.marking.views import random_views
 
 torch.set_num_threads(1)
 
@@ -76,6 +68,10 @@ def _fast(**overrides: object) -> MarkingParams:
     return get_preset("default", **{"steps": 10, **overrides})
 
 
+def _crop_flip(params: MarkingParams) -> tuple[tuple[float, float], bool]:
+    return params.crop_scale, params.flip
+
+
 def _run(
     net: Callable[[torch.Tensor], torch.Tensor],
     params: MarkingParams,
@@ -108,17 +104,18 @@ def test_shapes_and_dtypes(net: nn.Module) -> None:
     assert not res.images.equal(imgs), "nothing was marked"
 
 
-def test_grayscale_stays_one_channel_and_phi_sees_three(net: nn.Module) -> None:
+def test_grayscale_stays_one_channel_and_phi_sees_it_as_is(net: nn.Module) -> None:
+    # Channels are adapted once, by the loaded model (LoadedModel.features), never here.
     seen: list[tuple[int, ...]] = []
 
     def phi(x: torch.Tensor) -> torch.Tensor:
         seen.append(tuple(x.shape))
-        return net(x)
+        return net(x.expand(-1, 3, -1, -1))
 
     imgs, res = _run(phi, _fast(), channels=1)
     assert res.images.shape == (B, 1, H, W)
     assert not res.images.equal(imgs)
-    assert seen and all(s == (B, 3, H, W) for s in seen)
+    assert seen and all(s == (B, 1, H, W) for s in seen)
 
 
 # --- imperceptibility and rounding ------------------------------------------------------------
@@ -148,7 +145,7 @@ def test_fractional_radius_keeps_linf_below_it(net: nn.Module) -> None:
 def test_round_levels_rounds_to_nearest_not_truncates() -> None:
     orig = torch.full((1, 1, 1, 5), 100.0)
     x = torch.tensor([[[[100.7, 100.3, 99.6, 103.9, 96.2]]]])
-    out = _round_levels(x, orig, radius=3.0)
+    out = round_levels(x, orig, radius=3.0)
     # 100.7 → 101 (truncation would give 100), 99.6 → 100, ±3.9/3.8 clamp to the ±3 ball.
     assert out.flatten().tolist() == [101.0, 100.0, 100.0, 103.0, 97.0]
 
@@ -156,13 +153,13 @@ def test_round_levels_rounds_to_nearest_not_truncates() -> None:
 def test_round_levels_clamps_to_valid_range() -> None:
     orig = torch.tensor([[[[0.0, 255.0]]]])
     x = torch.tensor([[[[-1.6, 256.4]]]])
-    assert _round_levels(x, orig, radius=5.0).flatten().tolist() == [0.0, 255.0]
+    assert round_levels(x, orig, radius=5.0).flatten().tolist() == [0.0, 255.0]
 
 
 def test_project_onto_linf_ball_and_valid_range() -> None:
     x01 = torch.tensor([[[[0.5, 0.5, 0.0, 1.0]]]])
     x_new = torch.tensor([[[[0.6, 0.495, -0.005, 1.02]]]])
-    out = _project(x_new, x01, radius=2.0)
+    out = project_linf(x_new, x01, radius=2.0)
     expected = torch.tensor([[[[0.5 + 2 / 255, 0.495, 0.0, 1.0]]]])
     assert torch.allclose(out, expected, atol=1e-7)
 
@@ -278,12 +275,12 @@ def test_works_under_callers_grad_disabled(net: nn.Module, mode: str) -> None:
 def test_views_identity_without_crop_and_flip() -> None:
     x = torch.rand(4, 3, H, W, generator=_gen(7))
     params = _fast(crop_scale=(1.0, 1.0), flip=False)
-    assert torch.allclose(_random_views(x, params, _gen()), x, atol=1e-5)
+    assert torch.allclose(random_views(x, _gen(), *_crop_flip(params)), x, atol=1e-5)
 
 
 def test_views_flip_is_random_per_image() -> None:
     x = torch.rand(16, 1, H, W, generator=_gen(7))
-    out = _random_views(x, _fast(crop_scale=(1.0, 1.0), flip=True), _gen())
+    out = random_views(x, _gen(), (1.0, 1.0), True)
     same = [torch.allclose(o, i, atol=1e-5) for o, i in zip(out, x, strict=True)]
     mirrored = [torch.allclose(o, i.flip(-1), atol=1e-5) for o, i in zip(out, x, strict=True)]
     assert all(s or m for s, m in zip(same, mirrored, strict=True))
@@ -293,11 +290,11 @@ def test_views_flip_is_random_per_image() -> None:
 def test_views_crop_zooms_in() -> None:
     # A horizontal ramp: a crop of area ≤ 0.5 spans a narrower range of values than the image.
     ramp = torch.linspace(0, 1, W).expand(4, 1, H, W).contiguous()
-    out = _random_views(ramp, _fast(crop_scale=(0.25, 0.5), flip=False), _gen())
+    out = random_views(ramp, _gen(), (0.25, 0.5), False)
     span = out.amax(dim=(1, 2, 3)) - out.amin(dim=(1, 2, 3))
     assert bool((span < 0.9).all())
     grad_ramp = ramp.clone().requires_grad_(True)
-    _random_views(grad_ramp, _fast(), _gen()).sum().backward()
+    random_views(grad_ramp, _gen(), *_crop_flip(_fast())).sum().backward()
     assert grad_ramp.grad is not None and float(grad_ramp.grad.abs().sum()) > 0
 
 
@@ -406,14 +403,14 @@ def test_psnr_floor_holds_per_image_and_spends_the_budget(net: nn.Module) -> Non
 
 
 def test_enforce_psnr_shrinks_only_violators_and_terminates() -> None:
-    from radmark.marking.radioactive import _enforce_psnr
+    from radmark.marking.budget import enforce_psnr
 
     orig = torch.full((3, 1, 8, 8), 100.0)
     marked = orig.clone()
     marked[0] += 8.0  # PSNR 30.1 dB: must shrink
     marked[1, 0, 0, 0] += 1.0  # PSNR 66 dB: untouched
     marked[2] -= torch.arange(64.0).view(8, 8) % 9  # mixed signs and sizes
-    out = _enforce_psnr(marked, orig, 42.0)
+    out = enforce_psnr(marked, orig, 42.0)
     mse = (out - orig).double().square().mean(dim=(1, 2, 3))
     assert bool((10 * torch.log10(255.0**2 / mse.clamp_min(1e-300)) >= 42.0).all())
     assert torch.equal(out[1], marked[1])
@@ -422,13 +419,13 @@ def test_enforce_psnr_shrinks_only_violators_and_terminates() -> None:
 
 
 def test_project_l2_keeps_linf_and_range() -> None:
-    from radmark.marking.radioactive import _project_l2
+    from radmark.marking.budget import project_l2
 
     x01 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     x_new = (
         x01 + 0.03 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     ).clamp(0, 1)
-    out = _project_l2(x_new, x01, 42.0)
+    out = project_l2(x_new, x01, 42.0)
     rmse = (out - x01).square().mean(dim=(1, 2, 3)).sqrt()
     assert bool((rmse <= 10 ** (-42 / 20) * (1 + 1e-5)).all())  # float32
     assert bool(((out - x01).abs() <= (x_new - x01).abs() + 1e-12).all())

@@ -1,4 +1,4 @@
-"""Tests for radmark.data.shards: WebDataset shard reading, refusals, images, labels and writing."""
+"""Tests for radmark.data (sources, tar streams, samples, images, writer): reading, refusals, images, labels and writing."""
 
 from __future__ import annotations
 
@@ -19,20 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from radmark.data.shards import (
-    IMAGE_EXTS,
-    Sample,
-    ShardWriteResult,
-    decode_image,
-    encode_png,
-    expand_shards,
-    iter_samples,
-    parse_label,
-    sha256_file,
-    shard_name,
-    write_dataset,
-    write_shard,
-)
+from radmark.data.images import decode_image, encode_png, parse_label
+from radmark.data.samples import IMAGE_EXTS, Sample
+from radmark.data.sources import expand_shards, iter_samples, shard_name
+from radmark.data.writer import ShardWriteResult, sha256_file, write_dataset, write_shard
 from radmark.errors import InputError, ShardError
 
 # ---------------------------------------------------------------------------------------------

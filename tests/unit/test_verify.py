@@ -1,5 +1,5 @@
-"""``radmark.verify.white_box`` and ``result_to_json`` without models: the exact null, the
-statistic against independent references, and the JSON contract.
+"""The white-box statistic (``radmark.verify.white_box``) and the verify JSON without models: the
+exact null, the statistic against independent references, and the JSON contract.
 
 Null calibration (method.md: no statistic enters a verdict without one): classifier rows that
 are independent of the key, tested against carriers derived from many keys, must give uniform
@@ -18,19 +18,21 @@ from scipy import stats
 
 from radmark.keys.carriers import derive_carriers
 from radmark.keys.keypair import SecretKey
-from radmark.verify.run import (
-    VERDICT_TEST,
-    KeyResult,
-    VerifyResult,
-    result_to_json,
-    white_box,
-)
-from radmark.verify.run import (
-    TestResult as WhiteBoxTest,
-)
-from radmark.verify.statistics import LN10
+from radmark.report.jsonout import verify_json as result_to_json
+from radmark.verify.run import KeyResult, VerifyResult
+from radmark.verify.statistics import LN10, log_normal_sf, zscore
+from radmark.verify.tests import TestResult, combine
+from radmark.verify.white_box import WHITE_BOX, fisher_cosine_test
+
+VERDICT_TEST = WHITE_BOX
 
 MARKER_ID = "smallcnn@sha256:" + "ab" * 32
+
+
+def white_box(cos: np.ndarray, d: int) -> tuple[np.ndarray, dict[str, TestResult], float]:
+    """Per-class ln p, the tests and the combined ln p, as verify computes them."""
+    t = fisher_cosine_test(WHITE_BOX, np.asarray(cos), d, "white box")
+    return np.array(t.unit_log_p), {WHITE_BOX: t}, combine([t])
 
 
 def _key(tag: str, i: int) -> SecretKey:
@@ -74,10 +76,10 @@ def test_white_box_matches_independent_references() -> None:
     np.testing.assert_allclose(np.exp(lp), ref, rtol=1e-9)
     _, fisher_p = stats.combine_pvalues(ref, method="fisher")
     assert math.exp(combined) == pytest.approx(fisher_p, rel=1e-8)
-    assert tests[VERDICT_TEST].exact and not tests["white_box_zscore"].exact
+    assert tests[VERDICT_TEST].exact
     z = float(np.mean(cos) * math.sqrt(cos.size * d))
-    assert tests["white_box_zscore"].statistic == pytest.approx(z)
-    assert tests["white_box_zscore"].log10_p == pytest.approx(stats.norm.logsf(z) / LN10)
+    assert zscore(cos, d) == pytest.approx(z)
+    assert log_normal_sf(z) == pytest.approx(stats.norm.logsf(z))
 
 
 def test_white_box_planted_signal_is_strong_and_finite() -> None:
@@ -106,23 +108,20 @@ def _result(n_keys: int) -> VerifyResult:
     rs = []
     for i in range(n_keys):
         cos = np.linspace(-0.1, 0.2, 10) + 0.01 * i
-        lp, tests, combined = white_box(cos, 128)
+        _lp, tests, combined = white_box(cos, 128)
         rs.append(
             KeyResult(
                 fingerprint=f"sha256:{i:064x}",
                 record=f"sha256:{i + 100:064x}",
                 marker=MARKER_ID,
+                method="radioactive",
                 num_classes=10,
                 dim=128,
-                cosines=[float(x) for x in cos],
-                class_log10_p=[float(x) / LN10 for x in lp],
                 tests=tests,
-                log10_p=combined / LN10,
-                log10_p_adjusted=min(0.0, combined / LN10 + math.log10(n_keys)),
+                log_p=combined,
+                log_p_adjusted=min(0.0, combined + math.log(n_keys)),
                 detected=False,
-                alignment_r2=0.9,
-                alignment_residual=0.3,
-                alignment_warning=None,
+                combination="",
             )
         )
     return VerifyResult(
@@ -146,7 +145,8 @@ def test_result_to_json_has_the_contract_fields() -> None:
     for r in doc["results"]:
         for f in ("fingerprint", "record", "num_classes", "dim", "tests", "log10_p", "detected"):
             assert f in r
-        assert set(r["tests"]) == {VERDICT_TEST, "white_box_zscore"}
+        assert set(r["tests"]) == {VERDICT_TEST}
+        assert r["cosines"] and len(r["class_log10_p"]) == 10
         assert all("log10_p" in t for t in r["tests"].values())
         assert r["log10_p"] == r["tests"][VERDICT_TEST]["log10_p"]
         assert r["log10_p_adjusted"] >= r["log10_p"]
@@ -162,6 +162,7 @@ def test_result_to_json_never_contains_carriers() -> None:
 
 
 def test_test_result_is_frozen() -> None:
-    t = WhiteBoxTest("x", -1.0, True, 2.0, "d")
+    t = TestResult("x", -1.0, True, 2.0, "d", "carriers")
+    assert t.log10_p == pytest.approx(-1.0 / LN10)
     with pytest.raises(AttributeError):
-        t.log10_p = 0.0  # type: ignore[misc]
+        t.log_p = 0.0  # type: ignore[misc]

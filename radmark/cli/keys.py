@@ -1,0 +1,128 @@
+"""``radmark keygen`` and ``radmark keys list | show | export-public``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from radmark.cli.app import (
+    JsonOpt,
+    KeystoreOpt,
+    app,
+    command,
+    emit_json,
+    keys_app,
+    passphrase_from_env_or_prompt,
+)
+from radmark.errors import UsageError
+
+
+@command(app)
+def keygen(
+    keystore: KeystoreOpt = Path("keys"),
+    passphrase: Annotated[
+        bool | None,
+        typer.Option(
+            "--passphrase/--no-passphrase",
+            help="Encrypt the secret with a passphrase (RADMARK_PASSPHRASE or a prompt). "
+            "Default: encrypt when RADMARK_PASSPHRASE is set or a terminal can prompt.",
+        ),
+    ] = None,
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Also write a portable owner key file (secret included, 0600)."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a new signed secret key in the keystore and print its fingerprint."""
+    from radmark.keys.manage import generate_key
+    from radmark.report import console
+
+    if passphrase is False:
+        pw = None
+    else:
+        pw = passphrase_from_env_or_prompt(confirm=True)
+        if passphrase and not pw:
+            raise UsageError("--passphrase needs RADMARK_PASSPHRASE or an interactive terminal")
+    result = generate_key(keystore, passphrase=pw, out_file=out_file)
+    if json_out:
+        emit_json(
+            {
+                "fingerprint": result.fingerprint,
+                "path": str(result.path),
+                "keystore": str(result.keystore),
+                "encrypted": result.encrypted,
+                "key_file": str(result.key_file) if result.key_file else None,
+            }
+        )
+        return
+    console.keygen(result)
+    typer.echo(result.fingerprint)
+
+
+@command(keys_app, "list")
+def keys_list(keystore: KeystoreOpt = Path("keys"), json_out: JsonOpt = False) -> None:
+    """List keys and mark records (every object is re-hashed and its signature checked)."""
+    from radmark.keys.manage import list_entries
+    from radmark.report import console
+
+    entries = list_entries(keystore)
+    if json_out:
+        emit_json(
+            {
+                "entries": [
+                    {"kind": e.kind, "address": f"sha256:{e.address}", **e.summary} for e in entries
+                ]
+            }
+        )
+        return
+    console.keys_list(entries, str(keystore))
+
+
+@command(keys_app, "show")
+def keys_show(
+    ref: Annotated[str, typer.Argument(help="Fingerprint, address or a unique prefix of one.")],
+    keystore: KeystoreOpt = Path("keys"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a key's public record or a mark record (verified)."""
+    from radmark.keys.manage import show_object
+    from radmark.report import console
+
+    shown = show_object(keystore, ref)
+    if json_out:
+        emit_json(
+            {
+                "address": shown.address,
+                "kind": shown.kind,
+                "record": shown.record,
+                "has_secret": shown.has_secret,
+            }
+        )
+        return
+    console.keys_show(shown)
+
+
+@command(keys_app, "export-public")
+def keys_export_public(
+    ref: Annotated[str, typer.Argument(help="Fingerprint, address or a unique prefix of one.")],
+    keystore: KeystoreOpt = Path("keys"),
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write to FILE instead of stdout.")
+    ] = None,
+) -> None:
+    """Print what can be published: the signed public record (never the secret)."""
+    from radmark.keys.manage import export_public
+
+    data = export_public(keystore, ref)
+    if out_file is not None:
+        from radmark.fsutil import atomic_write_bytes
+        from radmark.report import console
+
+        atomic_write_bytes(out_file, data + b"\n")
+        console.err().print(f"wrote {out_file}")
+    else:
+        sys.stdout.write(data.decode("utf-8") + "\n")

@@ -1,0 +1,132 @@
+"""``radmark verify``: the verdict, its exit code, the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from radmark.cli.app import (
+    EXIT_DETECTED,
+    DeviceOpt,
+    JsonOpt,
+    KeystoreOpt,
+    app,
+    command,
+    emit_json,
+    passphrase_fn,
+    resolve_device,
+)
+from radmark.errors import UsageError
+
+EXPECT = ("clean", "marked")
+
+
+@command(app)
+def verify(
+    model: Annotated[str, typer.Argument(help="MODEL.safetensors, torchvision:NAME or timm:NAME.")],
+    probe: Annotated[
+        list[str] | None,
+        typer.Option("--probe", help="Clean probe shards (never marked), repeatable."),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="Key file, key fingerprint or mark record (prefix). Default: every mark record "
+            "in the keystore.",
+        ),
+    ] = None,
+    marker: Annotated[
+        str | None,
+        typer.Option(
+            "--marker", help="The marking network, if the mark record does not say where it is."
+        ),
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="Architecture of a weights file without metadata.")
+    ] = None,
+    head: Annotated[
+        str | None, typer.Option("--head", help="Dotted name of the final Linear layer.")
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Significance level of the verdict.")
+    ] = 1e-3,
+    expect: Annotated[
+        str,
+        typer.Option(
+            "--expect", help="clean: exit 1 when a mark is detected; marked: exit 1 when it is not."
+        ),
+    ] = "clean",
+    probe_limit: Annotated[
+        int | None, typer.Option("--probe-limit", help="Use at most N probe images.")
+    ] = None,
+    center: Annotated[
+        bool, typer.Option("--center/--no-center", help="Fit the alignment with an intercept.")
+    ] = False,
+    pullback: Annotated[
+        bool,
+        typer.Option(
+            "--pullback/--no-pullback",
+            help="Also run the exact pull-back test (input gradients through the marker).",
+        ),
+    ] = True,
+    pullback_limit: Annotated[
+        int, typer.Option("--pullback-limit", help="Probe images used by the pull-back test.")
+    ] = 2000,
+    black_box: Annotated[
+        bool,
+        typer.Option(
+            "--black-box",
+            help="Run the exact decoy-rank test on the verification kit (outputs only; "
+            "`radmark kit build` first). Without --probe it is the only test.",
+        ),
+    ] = False,
+    device: DeviceOpt = "auto",
+    plot_file: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write the per-class cosines against the null density (PNG)."),
+    ] = None,
+    keystore: KeystoreOpt = Path("keys"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Test a model for your radioactive marks.
+
+    Exit 0: no mark, 1: mark detected, 2: any failure (3: internal error). A passphrase-protected
+    key is unlocked with RADMARK_PASSPHRASE or a prompt.
+    """
+    from radmark.report import console
+    from radmark.report.jsonout import verify_json
+    from radmark.report.plot import check_target, cosine_plot
+    from radmark.verify.run import verify_model
+
+    if expect not in EXPECT:
+        raise UsageError(f"--expect must be one of {', '.join(EXPECT)}, not {expect!r}")
+    if plot_file is not None:  # checked before any work; written after the verdict
+        check_target(plot_file, white_box=bool(probe))
+    res = verify_model(
+        model,
+        keystore=keystore,
+        probe=probe or [],
+        key_ref=key,
+        marker_spec=marker,
+        arch=arch,
+        head=head,
+        alpha=alpha,
+        device=resolve_device(device),
+        probe_limit=probe_limit,
+        center=center,
+        passphrase=passphrase_fn(),
+        pullback=pullback,
+        pullback_limit=pullback_limit,
+        black_box=black_box,
+    )
+    if json_out:
+        emit_json(verify_json(res))
+    else:
+        console.verify(res)
+    if plot_file is not None:
+        cosine_plot(res, plot_file)
+    failed = res.detected if expect == "clean" else not res.detected
+    raise typer.Exit(EXIT_DETECTED if failed else 0)

@@ -1,0 +1,132 @@
+"""The marking-method seam: what a way of marking images must provide, and the registry.
+
+A marking method turns a batch of clean images into marked ones for one key, says what it adds to
+the signed mark record, and names the tests (``radmark/verify/tests.py``) that detect it. The
+shard pipeline (``marking/run.py``) knows nothing else about it, so adding a method is one module
+that defines a :class:`MarkingMethod` and one :func:`register_method` call (timm's
+``@register_model`` is the model).
+
+Methods are looked up by the name a mark record stores (``method``; absent in records made before
+the seam existed, which all used the paper's method, ``radioactive``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from radmark.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from radmark.keys.keypair import SecretKey
+    from radmark.keys.records import MarkRecord
+    from radmark.models.loaded import LoadedModel
+
+
+@dataclass(frozen=True)
+class MarkBatchResult:
+    """What marking one batch produced (all tensors on the input's device).
+
+    images: uint8 [B, C, H, W], same C as the input (grayscale stays 1 channel).
+    psnr: float64 [B], dB against the original uint8 image (inf where unchanged).
+    linf: int64 [B], max |x̃ − x| in pixel levels.
+    feature_cos: float32 [B], a method-defined quality number in [−1, 1] (the radioactive method:
+        cosine of the marker's feature shift with the carrier); NaN where undefined.
+    """
+
+    images: torch.Tensor
+    psnr: torch.Tensor
+    linf: torch.Tensor
+    feature_cos: torch.Tensor
+
+
+class MethodRun(Protocol):
+    """One marking run of a method with one key and one marker: holds the run's secrets.
+
+    ``mark`` is called once per batch (images of one size); ``sample_ids`` are the samples'
+    ``__key__`` strings, for methods whose per-image secrets derive from them.
+    """
+
+    def mark(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        sample_ids: list[str],
+        *,
+        generator: torch.Generator,
+    ) -> MarkBatchResult: ...
+
+    def record_fields(self) -> dict[str, Any]:
+        """``carriers`` (format + commitment, or None) and ``method_data`` for the record."""
+        ...
+
+
+class MarkingMethod(Protocol):
+    """A registered way of marking: parameters, the per-run state, and the tests that detect it."""
+
+    name: str
+    description: str
+    tests: tuple[str, ...]
+    presets: tuple[str, ...]
+
+    def params(self, preset: str, overrides: Mapping[str, Any]) -> Any:
+        """Validated parameters for ``preset`` with ``overrides`` (UsageError when invalid)."""
+        ...
+
+    def params_from_record(self, data: Mapping[str, Any]) -> Any:
+        """The parameters a mark record stored (inverse of ``params_to_record``)."""
+        ...
+
+    def params_to_record(self, params: Any) -> dict[str, Any]: ...
+
+    def start(
+        self,
+        key: SecretKey,
+        marker: LoadedModel,
+        num_classes: int,
+        params: Any,
+        *,
+        device: str,
+    ) -> MethodRun: ...
+
+    def check_key(self, record: MarkRecord, key: SecretKey) -> None:
+        """Refuse a key that does not derive what ``record`` committed to (IntegrityError)."""
+        ...
+
+
+METHODS: dict[str, MarkingMethod] = {}
+
+
+def register_method(method: MarkingMethod) -> MarkingMethod:
+    """Add ``method`` to the registry under ``method.name`` (one line per method module)."""
+    if method.name in METHODS:
+        raise ValueError(f"marking method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def _load_builtin() -> None:
+    # Importing a method module registers it; kept here so the registry is complete on first use.
+    from radmark.marking import radioactive  # noqa: F401
+
+
+def get_method(name: str) -> MarkingMethod:
+    """The registered method ``name``, or a UsageError listing the known ones."""
+    _load_builtin()
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown marking method {name!r}; choose one of {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def method_names() -> list[str]:
+    _load_builtin()
+    return sorted(METHODS)
+
+
+FeaturesFn = Callable[["torch.Tensor"], "torch.Tensor"]

@@ -1,0 +1,71 @@
+"""The per-class cosine plot of ``radmark verify --plot`` (needs matplotlib: ``radmark[plot]``).
+
+The plot is an optional artefact: its options are checked before any work (:func:`check_target`)
+and it is written only after the verdict has been printed, so a plotting problem can never hide
+or replace a verdict.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from radmark.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    from radmark.verify.run import VerifyResult
+
+
+def check_target(path: Path, *, white_box: bool) -> None:
+    """Refuse an unwritable target or a run without cosines before anything is computed."""
+    if not white_box:
+        raise UsageError("--plot shows the white-box cosines: it needs --probe SHARDS")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"--plot {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--plot {path}: directory {parent} is not writable")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'radmark[plot]'") from None
+
+
+def cosine_plot(res: VerifyResult, path: Path) -> None:
+    """Per-class cosines against the null density of the cosine in R^d, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import special
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in res.results:
+        if not r.cosines:
+            continue
+        d = r.dim
+        lim = max(0.3, 1.2 * max(abs(c) for c in r.cosines), 6 / math.sqrt(d))
+        xs = np.linspace(-lim, lim, 400)
+        logf = ((d - 3) / 2) * np.log1p(-(xs**2)) - special.betaln(0.5, (d - 1) / 2)
+        ax.plot(xs, np.exp(logf), color="grey", lw=1)
+        ax.scatter(
+            r.cosines,
+            np.zeros(len(r.cosines)),
+            marker="|",
+            s=400,
+            label=f"{r.fingerprint[:15]}… log10 p = {r.log10_p:.1f}",
+        )
+    ax.set_xlabel("cosine between mapped classifier row and carrier")
+    ax.set_ylabel("null density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise InputError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)

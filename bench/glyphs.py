@@ -857,7 +857,7 @@ def make_glyph_dataset(
 
 def write_glyph_shards(data: GlyphData, outdir: Path, *, samples_per_shard: int = 5000) -> dict:
     """``outdir/train``, ``outdir/test`` (WebDataset shards, PNG + cls) and ``outdir/glyphs.json``."""
-    from radmark.shards import write_dataset
+    from radmark.data.writer import write_dataset
 
     outdir = Path(outdir)
     meta = data.meta()

@@ -14,7 +14,7 @@ from radmark.keys.carriers import derive_carriers  # noqa: E402
 from radmark.models.training import train_classifier  # noqa: E402
 from radmark.marking.budget import psnr
 from radmark.marking.radioactive import get_preset, mark_batch  # noqa: E402
-from radmark.verify.statistics import rank_log_sf  # noqa: E402
+from radmark.verify.ranks import rank_log_sf  # noqa: E402
 
 torch.set_num_threads(2)
 SEED = int(sys.argv[1]) if len(sys.argv) > 1 else 0

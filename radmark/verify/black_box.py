@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radmark.errors import IntegrityError, ModelError
-from radmark.verify.statistics import rank_log_sf
+from radmark.verify.ranks import rank_log_sf
 from radmark.verify.tests import TestResult, register_test
 
 if TYPE_CHECKING:

@@ -26,7 +26,8 @@ from bench.glyphs import (
     load_masters,
     make_glyph_dataset,
 )
-from radmark.shards import decode_image, iter_samples, parse_label
+from radmark.data.images import decode_image, parse_label
+from radmark.data.sources import iter_samples
 
 REPO = Path(__file__).resolve().parents[2]
 

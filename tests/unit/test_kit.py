@@ -29,7 +29,8 @@ from radmark.verify.black_box import (
     slot_statistics,
     true_slot_ranks,
 )
-from radmark.verify.statistics import LN10, rank_log_sf
+from radmark.verify.ranks import rank_log_sf
+from radmark.verify.statistics import LN10
 from tests.factories import fmnist, make_marker
 
 MARKER_ID = "smallcnn@sha256:" + "ab" * 32

@@ -831,6 +831,28 @@ def build_dataset(
 DEFAULT_MASTERS = Path(__file__).resolve().parent / "work" / "glyph-masters.npz"
 
 
+def synthetic_masters(chars: int = 8, faces: int = 5) -> Masters:
+    """Deterministic blocky 'glyphs' (random bars on the master grid), for tests and smoke runs
+    on machines without the fonts."""
+    rng = np.random.default_rng(1234)
+    m = MASTER
+    bits = np.zeros((chars, faces, m, m), bool)
+    for k in range(chars):
+        for f in range(faces):
+            for _ in range(3 + k % 4):
+                y, x = rng.integers(12, 52, size=2)
+                if rng.random() < 0.5:
+                    bits[k, f, y : y + 3 + f % 3, x - 12 : x + 12] = True
+                else:
+                    bits[k, f, y - 12 : y + 12, x : x + 3 + f % 3] = True
+    return Masters(
+        bits,
+        [chr(0x4E00 + k) for k in range(chars)],
+        [f"face{f}" for f in range(faces)],
+        {"synthetic": True},
+    )
+
+
 def make_glyph_dataset(
     classes: int,
     seed: int,

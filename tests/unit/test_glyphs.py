@@ -37,24 +37,7 @@ GOLDEN_SHA256 = "01ba44fc52eca338f1aa8b8eb3693966726e5fc8bc804f8937071b936eeb9f4
 
 
 def _synthetic_masters(chars: int = 8, faces: int = 5) -> Masters:
-    """Deterministic blocky 'glyphs': random strokes (bars) on a 64 x 64 grid."""
-    rng = np.random.default_rng(1234)
-    m = glyphs.MASTER
-    bits = np.zeros((chars, faces, m, m), bool)
-    for k in range(chars):
-        for f in range(faces):
-            for _ in range(3 + k % 4):
-                y, x = rng.integers(12, 52, size=2)
-                if rng.random() < 0.5:
-                    bits[k, f, y : y + 3 + f % 3, x - 12 : x + 12] = True
-                else:
-                    bits[k, f, y - 12 : y + 12, x : x + 3 + f % 3] = True
-    return Masters(
-        bits,
-        [chr(0x4E00 + k) for k in range(chars)],
-        [f"face{f}" for f in range(faces)],
-        {"synthetic": True},
-    )
+    return glyphs.synthetic_masters(chars, faces)
 
 
 @pytest.fixture(scope="module")

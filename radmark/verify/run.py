@@ -221,6 +221,10 @@ def verify_model(
                 "SHARDS (clean images from the same distribution, never marked) or --black-box "
                 "(outputs only, with the record's verification kit)"
             )
+    if probe:  # before any work: a marked probe biases the white-box test (verify/guard.py)
+        from radmark.verify.guard import check_probe_shards
+
+        check_probe_shards(probe, store.mark_records(None))
     settings = EvidenceSettings(
         device=device,
         batch_size=batch_size,

@@ -345,7 +345,10 @@ def mark_in_memory(
     seconds = time.perf_counter() - t0
     ps = np.concatenate(psnrs) if psnrs else np.zeros(0)
     changed = int(np.sum(np.any(out[chosen] != x[chosen], axis=(1, 2, 3)))) if len(chosen) else 0
-    fields = run.record_fields()
+    store = Keystore.open(store_root)
+    private = [store.put_kit(blob) for blob in run.private_data()] if hasattr(
+        run, "private_data") else []  # fmt: skip
+    fields = run.record_fields(private) if private else run.record_fields()
     body = mark_record_body(
         key_fingerprint=pub.fingerprint, method=m.name,
         marker=MarkerRef(marker.identity, marker.name, marker.arch, marker.sha256, marker.dim,
@@ -356,10 +359,7 @@ def mark_in_memory(
         shards=[ShardRef("in-memory", "", "0" * 64, len(x), changed, "")],
         method_data=fields.get("method_data"),
     )  # fmt: skip
-    store = Keystore.open(store_root)
     record = store.put(key.sign(body))
-    if hasattr(run, "finish"):  # methods that keep per-run secrets (e.g. unpublished candidates)
-        run.finish(store, record)
     finite = ps[np.isfinite(ps)]
     cos = np.concatenate(coss) if coss else np.zeros(0)
     return out, {
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     ap.add_argument("--masters", type=Path, default=None, help="glyph masters (.npz)")
     ap.add_argument("--roofline", type=Path, default=None, help="mark_roofline.py")
-    ap.add_argument("--methods", default="radioactive", help="comma-separated marking methods")
+    ap.add_argument("--methods", default="radioactive,twins", help="comma-separated methods")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "work" / "gpu")
     ap.add_argument("--skip", default="", help="comma-separated stages to skip")

@@ -34,6 +34,8 @@ INFO_CARRIERS = b"radmark/v1/carrier-seed"
 INFO_SELECTION = b"radmark/v1/sample-selection"
 INFO_DECOYS = b"radmark/v1/decoy-carrier-seed"
 INFO_KIT_SLOTS = b"radmark/v1/kit-slots"
+INFO_TWINS = b"radmark/v1/twin-publication"
+INFO_TAGGANTS = b"radmark/v1/key-images"
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
@@ -147,6 +149,15 @@ class SecretKey:
         true carriers but never equal them.
         """
         return _hkdf(self._secret, INFO_DECOYS)
+
+    def twin_seed(self) -> bytes:
+        """Seed of which twin candidate is published (marking/twins.py): its own HKDF label, so
+        the twin test's randomisation is independent of the carriers'."""
+        return _hkdf(self._secret, INFO_TWINS)
+
+    def taggant_seed(self) -> bytes:
+        """Seed of the key images and their secret labels (marking/taggants.py)."""
+        return _hkdf(self._secret, INFO_TAGGANTS)
 
     def kit_slot_seed(self) -> bytes:
         """Seed that hides which slot of a kit holds the true carrier (radmark/kit.py)."""

@@ -110,7 +110,7 @@ def register_method(method: MarkingMethod) -> MarkingMethod:
 
 def _load_builtin() -> None:
     # Importing a method module registers it; kept here so the registry is complete on first use.
-    from radmark.marking import radioactive  # noqa: F401
+    from radmark.marking import radioactive, twins  # noqa: F401
 
 
 def get_method(name: str) -> MarkingMethod:

@@ -157,6 +157,18 @@ class Evidence:
 
         return self._once(("pullback", record.marker.id, record.num_classes), make)
 
+    # ------------------------------------------------------------------ twins
+    def twin_scores(self, record: MarkRecord) -> tuple[list[str], np.ndarray]:
+        """The suspect's score of every twin candidate of ``record``: ids [N], float64 [N, M]."""
+        from radmark.verify.twin_rank import candidate_scores, load_twin_kits
+
+        def make() -> tuple[list[str], np.ndarray]:
+            ids, labels, cands = load_twin_kits(self, record)
+            s = self.settings
+            return ids, candidate_scores(self.suspect.logits, cands, labels, device=s.device)
+
+        return self._once(("twin-scores", record.address), make)
+
     # ------------------------------------------------------------------ black box
     def kit(self, record: MarkRecord) -> tuple[KitRecord, Kit]:
         """The record's verification kit (the newest, if several), hash-checked."""

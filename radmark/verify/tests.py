@@ -89,7 +89,7 @@ def register_test(test: DetectionTest) -> DetectionTest:
 
 def _load_builtin() -> None:
     # Importing a test module registers its tests.
-    from radmark.verify import black_box, pullback, white_box  # noqa: F401
+    from radmark.verify import black_box, pullback, twin_rank, white_box  # noqa: F401
 
 
 def get_test(name: str) -> DetectionTest:

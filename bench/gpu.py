@@ -462,7 +462,9 @@ def fmnist_cells(run: Run, args: argparse.Namespace, device: str, work: Path) ->
         run.stage(f"fmnist.suspect.{cross}-{s.cross_arch}", sus)
     verdicts: dict[str, Any] = {}
     for sname, sus in results.items():
-        targets = [k for k in marked if sname.startswith(k)] if sname != "control" else list(marked)
+        # the control against every record (a null check); a marked suspect against its own
+        own = [k for k in marked if sname in (k, f"{k}-{s.cross_arch}")]
+        targets = list(marked) if sname == "control" else own
         for mname in targets:
             if not run.fits(15):
                 break

@@ -27,6 +27,7 @@ import numpy as np
 from radmark.canonical import address
 from radmark.errors import InputError, IntegrityError, KeystoreError, UsageError
 from radmark.keys.carriers import carriers_digest, derive_carriers
+from radmark.keys.draws import uniform_index
 from radmark.keys.keypair import SecretKey
 from radmark.keys.records import KitRecord, MarkRecord, kit_record_body
 from radmark.keys.store import Keystore
@@ -87,19 +88,11 @@ def decoy_carriers(key: SecretKey, j: int, d: int, num_classes: int, marker_id: 
 
 def true_slots(key: SecretKey, record_address: str, num_classes: int, slots: int) -> np.ndarray:
     """π_c ∈ [0, slots) per class, uniform (rejection sampling on HMAC-SHA256 output)."""
-    out = np.empty(num_classes, dtype=np.int64)
-    limit = (1 << 64) - ((1 << 64) % slots)
     seed = key.kit_slot_seed()
-    for c in range(num_classes):
-        counter = 0
-        while True:
-            msg = f"{record_address}/{slots}/{c}/{counter}".encode()
-            v = int.from_bytes(hmac.new(seed, msg, hashlib.sha256).digest()[:8], "big")
-            if v < limit:
-                out[c] = v % slots
-                break
-            counter += 1
-    return out
+    draws = [
+        uniform_index(seed, f"{record_address}/{slots}/{c}/", slots) for c in range(num_classes)
+    ]
+    return np.array(draws, dtype=np.int64)
 
 
 def slot_carriers(key: SecretKey, record: MarkRecord, decoys: int) -> tuple[np.ndarray, np.ndarray]:

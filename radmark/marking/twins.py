@@ -22,8 +22,6 @@ across images. Units: images are uint8 levels [B, C, H, W]; δ is optimised in l
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from radmark.errors import IntegrityError, UsageError
+from radmark.keys.draws import uniform_index
 from radmark.marking.budget import psnr
 from radmark.marking.methods import MarkBatchResult, register_method
 
@@ -248,23 +247,12 @@ def make_candidates(
 def published_index(seed: bytes, sample_ids: Sequence[str], m: int) -> np.ndarray:
     """The published candidate of each image: a keyed uniform draw on 0..m−1, int64 [N].
 
-    u = HMAC-SHA256(seed, "radmark/v1/twin|" ‖ id ‖ "|" ‖ counter), first 8 bytes; accepted when
-    u < ⌊2⁶⁴/m⌋·m (rejection sampling: exactly uniform for any m), else the counter increments.
+    ``keys/draws.py``'s keyed draw with the message "radmark/v1/twin|<id>|<counter>".
     Sample ids must be unique within a record (the pipeline uses ``shard/__key__``): two images
     sharing an id would share their draw, and the combination assumes independent units.
     """
-    limit = (2**64 // m) * m
-    out = np.empty(len(sample_ids), dtype=np.int64)
-    for i, sid in enumerate(sample_ids):
-        ctr = 0
-        while True:
-            msg = f"radmark/v1/twin|{sid}|{ctr}".encode()
-            u = int.from_bytes(hmac.new(seed, msg, hashlib.sha256).digest()[:8], "big")
-            if u < limit:
-                out[i] = u % m
-                break
-            ctr += 1
-    return out
+    draws = [uniform_index(seed, f"radmark/v1/twin|{sid}|", m) for sid in sample_ids]
+    return np.array(draws, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------ the twin kit

@@ -219,29 +219,22 @@ def resolve_arch(
             f"{where} has no {get_arch(chosen).head_key!r} tensor, so it is not a {chosen}; check --arch"
         )
     expected = meta_build(cand.arch, cand.num_classes, cand.small_stem, cand.in_chans)
+    raise ModelError(f"{where} does not fit {chosen}: {_misfit(expected, state)}; check --arch")
+
+
+def _misfit(expected: Mapping[str, torch.Size], state: Mapping[str, torch.Tensor]) -> str:
+    """What is wrong with ``state`` against ``expected`` ("" when it fits), for one error line."""
     missing, unexpected, wrong = mismatches(expected, state)
-    parts = []
-    if missing:
-        parts.append(f"missing {few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {few(unexpected)}")
-    if wrong:
-        parts.append(f"wrong shape {few(wrong)}")
-    raise ModelError(f"{where} does not fit {chosen}: {'; '.join(parts)}; check --arch")
+    parts = [f"{what} {few(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]  # fmt: skip
+    return "; ".join(parts)
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
     expected = _expected_shapes(model)
-    missing, unexpected, wrong = mismatches(expected, state)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {few(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape {few(wrong)}")
-        raise ModelError(f"{where} does not fit the architecture: {'; '.join(parts)}")
+    misfit = _misfit(expected, state)
+    if misfit:
+        raise ModelError(f"{where} does not fit the architecture: {misfit}")
     full = dict(state)
     for key, shape in expected.items():
         if key not in full:  # an optional BatchNorm counter

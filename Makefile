@@ -36,10 +36,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix radmark tests bench
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m bench.run --quick
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run --full
+	$(BIN)/python -m bench.run --full $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache .ruff_cache

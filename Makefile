@@ -36,10 +36,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix radmark tests bench
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m bench.run --quick
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run --full
+	$(BIN)/python -m bench.run --full $(BENCH_ARGS)
 
 # The GPU run (issue #14): prepare what the offline GPU machine lacks here, then run
 # `bash bench/gpu.sh` there (it is what `make bench-gpu` runs; at most 8 minutes on one H100).

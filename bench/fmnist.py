@@ -33,20 +33,33 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def ensure_installed(directory: Path = DEFAULT_DIR) -> Path:
-    """Install Debian's package when the files are missing and apt is there (we are root)."""
+#: The command that installs the files at :data:`DEFAULT_DIR` (Debian, as root).
+INSTALL_COMMAND = "apt-get install -y dataset-fashion-mnist"
+
+
+def ensure_installed(directory: Path = DEFAULT_DIR, *, install: bool = False) -> Path:
+    """``directory`` if it holds the IDX files; else install Debian's package only if ``install``.
+
+    The benchmark never runs a package manager behind the user's back: without ``install``
+    (``python -m bench.run --install``) a missing dataset is an error that prints the command.
+    """
     if (directory / (FILES["train"][0] + ".gz")).exists() or (
         directory / FILES["train"][0]
     ).exists():
         return directory
-    if directory == DEFAULT_DIR and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update", "-qq"], check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "dataset-fashion-mnist"], check=True)
-        return directory
-    raise FileNotFoundError(
-        f"Fashion-MNIST not found in {directory}: install Debian's dataset-fashion-mnist or pass "
-        "--data DIR with the four IDX files"
+    hint = (
+        f"Fashion-MNIST not found in {directory}: install Debian's dataset-fashion-mnist as root "
+        f"({INSTALL_COMMAND}), rerun with --install to let the benchmark run that command, or "
+        "pass --data DIR with the four IDX files"
     )
+    if not install or directory != DEFAULT_DIR:
+        raise FileNotFoundError(hint)
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        raise FileNotFoundError(f"--install needs apt-get and root; {hint}")
+    print(f"running: apt-get update -qq && {INSTALL_COMMAND}", flush=True)
+    subprocess.run(["apt-get", "update", "-qq"], check=False)
+    subprocess.run(INSTALL_COMMAND.split(), check=True)
+    return directory
 
 
 def load(split: str, directory: Path = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:

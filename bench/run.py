@@ -181,10 +181,12 @@ def balanced_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.
     return np.sort(np.concatenate(idx))
 
 
-def prepare_data(cfg: dict[str, Any], data_dir: Path, work: Path, seed: int) -> dict[str, Any]:
+def prepare_data(
+    cfg: dict[str, Any], data_dir: Path, work: Path, seed: int, *, install: bool = False
+) -> dict[str, Any]:
     from radmark.data.writer import write_dataset
 
-    fmnist.ensure_installed(data_dir)
+    fmnist.ensure_installed(data_dir, install=install)
     out: dict[str, Any] = {"source": str(data_dir)}
     for split, per_class in (("train", cfg["train_per_class"]), ("test", cfg["test_per_class"])):
         images, labels = fmnist.load(split, data_dir)
@@ -399,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="reduced CPU protocol (< 20 min)")
     mode.add_argument("--full", action="store_true", help="the whole protocol (GPU)")
     ap.add_argument("--data", type=Path, default=fmnist.DEFAULT_DIR, help="Fashion-MNIST IDX dir")
+    ap.add_argument(
+        "--install",
+        action="store_true",
+        help=f"run `{fmnist.INSTALL_COMMAND}` (root) when the default --data dir is missing",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default bench/work/<id>)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -444,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _log(f"{mode_name} run {run_id} on {res['device']}, work dir {work}")
     t = time.perf_counter()
-    res["data"] = prepare_data(cfg, args.data, work, args.seed)
+    res["data"] = prepare_data(cfg, args.data, work, args.seed, install=args.install)
     res["data"]["seconds"] = time.perf_counter() - t
     train_dir, test_dir = work / "clean" / "train", work / "clean" / "test"
 

@@ -1,6 +1,7 @@
 """Tiny, real fixtures for the mark tests: Fashion-MNIST shards, a smallcnn marker and a key.
 
-Everything is built in a test's tmp_path from ``tests/data/fmnist-small.npz`` (real images), small
+Everything is built in a test's tmp_path from the embedded Fashion-MNIST subset
+(``radmark/demo_data/fmnist-small.npz``, package data shared with ``python -m radmark.demo``), small
 enough that a full ``radmark mark`` run with ``--steps 2`` takes about a second on one CPU thread.
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).parent / "data" / "fmnist-small.npz"
+from radmark.demo import DATA
 
 
 def fmnist(n: int, *, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -22,12 +22,12 @@ from typer.testing import CliRunner
 from radmark import SCHEMA_VERSION
 from radmark.cli import app
 from radmark.data.writer import write_dataset
+from radmark.demo import DATA
 from radmark.keys.manage import generate_key
 from radmark.keys.store import Keystore
 from radmark.models import build_model, save_model
 from radmark.models.training import train_classifier
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "fmnist-small.npz"
 runner = CliRunner()
 
 

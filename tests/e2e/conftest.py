@@ -24,11 +24,11 @@ from typer.testing import CliRunner
 from radmark.cli import app
 from radmark.data.arrays import load_labelled_images
 from radmark.data.writer import write_dataset
+from radmark.demo import DATA
 from radmark.keys.manage import generate_key
 from radmark.models import load_model, resolve_head, save_model
 from radmark.models.training import train_classifier
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "fmnist-small.npz"
 N_MARK = 3000  # all the training images (marking costs ~0.5 ms per image per step, 1 thread)
 MARK_STEPS = "30"
 MARK_RADIUS = "8"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).parents[2]
-DATA = REPO / "tests" / "data" / "fmnist-small.npz"
+DATA = REPO / "radmark" / "demo_data" / "fmnist-small.npz"
 
 pytestmark = pytest.mark.slow
 

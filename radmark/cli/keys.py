@@ -126,3 +126,29 @@ def keys_export_public(
         console.err().print(f"wrote {out_file}")
     else:
         sys.stdout.write(data.decode("utf-8") + "\n")
+
+
+@command(keys_app, "import")
+def keys_import(
+    key_file: Annotated[Path, typer.Argument(help="An owner key file (radmark keygen --out).")],
+    keystore: KeystoreOpt = Path("keys"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Import a key file made on another machine into the keystore (verified first).
+
+    A passphrase-protected key file is unlocked with RADMARK_PASSPHRASE or a prompt and stays
+    encrypted with the same passphrase in the keystore.
+    """
+    from radmark.cli.app import passphrase_fn
+    from radmark.keys.manage import import_key
+    from radmark.report import console
+
+    res = import_key(keystore, key_file, passphrase_fn())
+    if json_out:
+        emit_json({"fingerprint": res.fingerprint, "path": str(res.path),
+                   "keystore": str(res.keystore), "encrypted": res.encrypted,
+                   "already_present": res.already})  # fmt: skip
+        return
+    what = "already in" if res.already else "imported into"
+    console.err().print(f"key {res.fingerprint} {what} keystore {res.keystore}")
+    typer.echo(res.fingerprint)

@@ -51,6 +51,34 @@ def generate_key(
     )
 
 
+@dataclass(frozen=True)
+class ImportResult:
+    fingerprint: str  # sha256:<hex>
+    path: Path  # the secret file in the keystore
+    keystore: Path
+    encrypted: bool
+    already: bool  # the keystore held this key's secret already
+
+
+def import_key(
+    keystore: Path, key_file: Path, passphrase: PassphraseFn, *, scrypt_n: int = SCRYPT_N
+) -> ImportResult:
+    """Bring a portable owner key file (``keygen --out``, made on another machine) into a keystore.
+
+    The file is verified (its public record's signature, and that its secret derives that public
+    key, which needs the passphrase of an encrypted file); the secret is stored sealed again with
+    the same passphrase, so an encrypted key stays encrypted.
+    """
+    pw = passphrase()
+    key, record = load_keyfile(Path(key_file), lambda: pw)
+    store = Keystore.open(keystore, create=True)
+    fp = address(record.fingerprint)
+    if record.fingerprint in store.secrets:
+        return ImportResult(fp, store.secrets[record.fingerprint], Path(keystore), bool(pw), True)
+    path = store.add_key(key, record, pw, scrypt_n=scrypt_n)
+    return ImportResult(fp, path, Path(keystore), bool(pw), False)
+
+
 def list_entries(keystore: Path) -> list[Entry]:
     return Keystore.open(keystore).entries()
 

@@ -108,3 +108,39 @@ def test_version_and_help() -> None:
     assert run("--version").exit_code == 0
     res = run("--help")
     assert res.exit_code == 0 and "keygen" in res.stdout
+
+
+def test_keys_import_a_key_file_from_another_machine(tmp_path) -> None:
+    """keys import: verified, stored 0600, usable for marking; idempotent; a tampered file is 2."""
+    import json
+    import os
+    import stat
+
+    from typer.testing import CliRunner
+
+    from radmark.cli import app
+    from radmark.keys.manage import generate_key
+    from radmark.keys.store import Keystore
+
+    made = generate_key(tmp_path / "elsewhere", passphrase=None, out_file=tmp_path / "owner.key",
+                        scrypt_n=2**10)  # fmt: skip
+    r = CliRunner().invoke(app, ["keys", "import", str(tmp_path / "owner.key"), "--keystore",
+                                 str(tmp_path / "ks"), "--json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["fingerprint"] == made.fingerprint and not doc["already_present"]
+    path = os.stat(doc["path"])
+    assert stat.S_IMODE(path.st_mode) == 0o600
+    store = Keystore.open(tmp_path / "ks")
+    key, pub = store.secret(made.fingerprint, lambda: None)
+    assert key.matches(pub)
+    again = CliRunner().invoke(app, ["keys", "import", str(tmp_path / "owner.key"), "--keystore",
+                                     str(tmp_path / "ks"), "--json"])  # fmt: skip
+    assert again.exit_code == 0 and json.loads(again.stdout)["already_present"]
+    bad = tmp_path / "bad.key"
+    raw = bytearray((tmp_path / "owner.key").read_bytes())
+    raw[len(raw) // 2] ^= 1
+    bad.write_bytes(bytes(raw))
+    bad.chmod(0o600)
+    r = CliRunner().invoke(app, ["keys", "import", str(bad), "--keystore", str(tmp_path / "ks")])
+    assert r.exit_code == 2 and "Traceback" not in r.output

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from radmark.cli import app
 from radmark.data.sources import iter_samples
-from radmark.marking.manifest import LOCK, MANIFEST
+from radmark.marking.manifest import LOCK, find_state
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 runner = CliRunner()
@@ -91,8 +91,9 @@ def test_mark_json_fields_record_and_keys_show(world: dict[str, Path], tmp_path:
     assert 0 < doc["marked"] < 32 and doc["psnr_min"] >= 42 and doc["linf_max"] <= 2
     assert doc["record"].startswith("sha256:") and doc["images_per_s"] > 0
     assert sha256_tree(world["in"]) == before
-    man = json.loads((out / MANIFEST).read_bytes())
-    assert man["record"] == doc["record"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, "data-000000.tar", "data-000001.tar"]
+    man = find_state(world["ks"], out)  # which samples are marked: in the keystore only
+    assert man is not None and man["record"] == doc["record"]
     assert sum(len(e["marked_keys"]) for e in man["shards"].values()) == doc["marked"]
     shown = run("keys", "show", doc["record"][:20], "--keystore", str(world["ks"]), "--json")
     assert shown.exit_code == 0, shown.output
@@ -193,7 +194,7 @@ def test_a_run_that_finished_no_shard_can_simply_be_rerun(world, tmp_path: Path)
     )
     out = tmp_path / "out"
     _one_error_line(run(*_args(world, out, "--json", shards=[str(bad)])), "bad-000000.tar")
-    assert (out / MANIFEST).exists()  # settings pinned, but no shard finished
+    assert find_state(world["ks"], out) is not None  # settings pinned, but no shard finished
     res = run(*_args(world, out, "--json"))  # other shards, no --resume: nothing to protect
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["images"] == 32
@@ -212,8 +213,11 @@ def test_on_error_skip_copies_the_bad_sample_and_counts_it(world, tmp_path: Path
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["skipped"] == 1 and doc["images"] == 2
-    man = json.loads((tmp_path / "out2" / MANIFEST).read_bytes())
-    assert man["shards"]["bad-000000.tar"]["skipped"] == 1
+    man = find_state(world["ks"], tmp_path / "out2")
+    assert man is not None and man["shards"]["bad-000000.tar"]["skipped"] == 1
+    assert doc["shard_reports"][0]["skip_reasons"] == {"00000777": man["shards"][
+        "bad-000000.tar"]["skip_reasons"]["00000777"]}  # fmt: skip
+    assert "does not decode" in doc["shard_reports"][0]["skip_reasons"]["00000777"]
     copied = {s.key: s for s in iter_samples(str(tmp_path / "out2" / "bad-000000.tar"))}
     assert copied["00000777"].get("png") == junk  # copied unmarked, byte for byte
 
@@ -245,7 +249,7 @@ def test_concurrent_real_runs_second_refused_first_completes(world, tmp_path: Pa
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        while not (out / MANIFEST).exists():  # written once the first run holds the lock
+        while find_state(world["ks"], out) is None:  # written once the first run holds the lock
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.02)
         second = run(*_args(world, out, "--resume", "--json"))
@@ -253,7 +257,7 @@ def test_concurrent_real_runs_second_refused_first_completes(world, tmp_path: Pa
     finally:
         stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr.decode()
-    assert json.loads((out / MANIFEST).read_bytes())["record"] is not None
+    assert (find_state(world["ks"], out) or {})["record"] is not None
     assert sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar", "data-000001.tar"]
 
 

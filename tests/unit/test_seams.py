@@ -23,7 +23,13 @@ from radmark.errors import IntegrityError, UsageError
 from radmark.keys.keypair import SecretKey
 from radmark.keys.manage import load_secret_key
 from radmark.keys.records import MarkRecord
-from radmark.marking.methods import METHODS, MarkBatchResult, get_method, register_method
+from radmark.marking.methods import (
+    METHODS,
+    Budget,
+    MarkBatchResult,
+    get_method,
+    register_method,
+)
 from radmark.marking.run import MarkOptions, mark_shards
 from radmark.verify.run import verify_model
 from radmark.verify.statistics import LN10
@@ -34,6 +40,7 @@ from tests.factories import make_key, make_marker, make_shards
 class _PixelRun:
     def __init__(self, level: int) -> None:
         self.level = level
+        self.budget = Budget(linf_levels=5)  # what the pipeline checks every batch against
 
     def mark(self, images: torch.Tensor, labels: torch.Tensor, sample_ids: list[str], *,
              generator: torch.Generator) -> MarkBatchResult:  # fmt: skip

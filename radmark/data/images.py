@@ -31,6 +31,16 @@ _PIL_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "PPM", "BMP", "WEBP", "TIFF")
 
 #: TIFF tags written back to a re-encoded TIFF: orientation, resolution and descriptive text.
 _TIFF_KEEP_TAGS: tuple[int, ...] = (270, 271, 272, 274, 282, 283, 296, 305, 306, 315, 33432)
+#: The transpose that undoes PIL's ``exif_transpose`` for each EXIF/TIFF orientation.
+_UNDO_ORIENTATION: dict[object, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,6 @@ def read_image(
                     f"image too large ({width}x{height} pixels; at most {max_pixels} allowed)",
                     key,
                 )
-            _check_mode(img.mode, shard, key)
             frames = int(getattr(img, "n_frames", 1) or 1)
             if frames > 1 and not frames_ok:
                 raise ShardError(
@@ -102,12 +111,21 @@ def read_image(
                     "images and would drop frames 2..n, so split it or skip it (--on-error skip)",
                     key,
                 )
+            _check_mode(img.mode, shard, key)
+            # PIL rotates TIFFs by their Orientation tag while loading (and drops the tag); undo
+            # it so that every format is marked, and written back, in its stored orientation.
+            tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
+            orientation = tags.get(274) if tags is not None else None
             img.load()
             _check_mode(img.mode, shard, key)
             if img.size != (width, height):
                 raise ShardError(shard, "image does not decode (size changed while loading)", key)
-            arr = np.array(img, dtype=np.uint8)
             info = _info(img, data, frames)
+            stored: Image.Image = img
+            if orientation in _UNDO_ORIENTATION:
+                stored = img.transpose(_UNDO_ORIENTATION[orientation])
+                info.options.setdefault("tiffinfo", {})[274] = orientation
+            arr = np.array(stored, dtype=np.uint8)
     except ShardError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -269,8 +269,8 @@ class _ShardMarker:
             if problem is not None:
                 raise ModelError(
                     f"shard {self.url}, sample {item.sample.key!r}: the marked image is outside "
-                    f"the marking budget ({problem}); the marker is broken (features overflow or "
-                    "vanish), so nothing of this shard was written and no record was signed"
+                    f"the marking budget ({problem}); the marker is broken (its features "
+                    "overflow?), so nothing of this shard was written and no record was signed"
                 )
         return out
 

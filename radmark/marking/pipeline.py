@@ -369,15 +369,18 @@ def mark_shard(
     ), sm.marked_keys
 
 
-def first_images(url: str, *, limit: int = 8, max_pixels: int = MAX_BATCH_PIXELS) -> np.ndarray:
-    """Up to ``limit`` decodable images of one size from the start of a shard, uint8 [B, H, W, C].
+def first_images(
+    url: str, *, limit: int = 8, scan: int = 64, max_pixels: int = MAX_BATCH_PIXELS
+) -> np.ndarray:
+    """Up to ``limit`` decodable images of one size among the first ``scan`` samples of a shard,
+    uint8 [B, H, W, C].
 
     For checking a marker on real images before a run starts (``models/markers.py``); samples that
     do not decode are passed over here (the run itself reports them). Empty when none decodes.
     """
     found: list[np.ndarray] = []
     try:
-        for sample in iter_samples(url):
+        for sample in islice(iter_samples(url), scan):
             try:
                 ext = sample.image_ext()
                 if ext is None:

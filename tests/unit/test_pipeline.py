@@ -327,7 +327,8 @@ def test_marked_images_keep_container_orientation_and_metadata(
     world: dict[str, Path], tmp_path: Path, fmt: str
 ) -> None:
     shard = _photo_shard(tmp_path / "in" / f"{fmt}-000000.tar", fmt)
-    res = _mark(world, tmp_path / "out", [str(shard)], fraction=1.0, overrides={"steps": 2})
+    steps = 8 if fmt == "jpg" else 2  # 2 steps move too few levels for JPEG to keep any
+    res = _mark(world, tmp_path / "out", [str(shard)], fraction=1.0, overrides={"steps": steps})
     assert res.marked > 0
     ins = {s.key: s for s in iter_samples(str(shard))}
     for s in iter_samples(str(tmp_path / "out" / shard.name)):
@@ -346,7 +347,7 @@ def test_marked_images_keep_container_orientation_and_metadata(
     rep = res.shards[0]
     if fmt == "jpg":  # the mark's survival through the JPEG re-encoding is measured
         assert rep.reencoded == res.marked and rep.lossy_mark_kept is not None
-        assert 0.05 < rep.lossy_mark_kept < 1.5
+        assert 0.08 < rep.lossy_mark_kept < 1.2  # 0.18-0.28 over 4 keys (8 steps, q90 4:2:0)
     else:
         assert rep.reencoded == 0 and rep.lossy_mark_kept is None
 

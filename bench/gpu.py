@@ -346,9 +346,8 @@ def mark_in_memory(
     ps = np.concatenate(psnrs) if psnrs else np.zeros(0)
     changed = int(np.sum(np.any(out[chosen] != x[chosen], axis=(1, 2, 3)))) if len(chosen) else 0
     store = Keystore.open(store_root)
-    private = [store.put_kit(blob) for blob in run.private_data()] if hasattr(
-        run, "private_data") else []  # fmt: skip
-    fields = run.record_fields(private) if private else run.record_fields()
+    private = [store.put_kit(blob) for blob in run.private_data()]
+    fields = run.record_fields(private)
     body = mark_record_body(
         key_fingerprint=pub.fingerprint, method=m.name,
         marker=MarkerRef(marker.identity, marker.name, marker.arch, marker.sha256, marker.dim,

@@ -60,6 +60,31 @@ def make_marker(path: Path, *, num_classes: int = 10, seed: int = 0) -> Path:
     return Path(path)
 
 
+def make_broken_marker(path: Path, kind: str) -> Path:
+    """A smallcnn marker that loads (finite weights) but cannot mark (issue #12).
+
+    ``overflow``: first conv weights ±3e38, so its features overflow to inf/NaN; ``dead``: the
+    last batch-norm shifted by -1e4, so every ReLU is dead and every gradient vanishes (what a
+    marker trained with a huge learning rate can end up as).
+    """
+    import torch
+
+    from radmark.models import build_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model("smallcnn", 10, in_chans=1).eval()
+    with torch.no_grad():
+        if kind == "overflow":
+            w = model.features[0].weight
+            w.copy_(torch.where(torch.rand_like(w) < 0.5, -3e38, 3e38))
+        elif kind == "dead":
+            model.features[9].bias.fill_(-1e4)
+        else:
+            raise ValueError(kind)
+    save_model(model, path, arch="smallcnn", num_classes=10, mean=(0.5,), std=(0.25,))
+    return Path(path)
+
+
 def make_key(keystore: Path, key_file: Path | None = None) -> str:
     """A fresh unencrypted key (fast scrypt); returns its ``sha256:`` fingerprint."""
     from radmark.keys.manage import generate_key

@@ -105,6 +105,22 @@ def mark(
             "(as `radmark kit build`), repeatable.",
         ),
     ] = None,
+    reencode_all: Annotated[
+        bool,
+        typer.Option(
+            "--reencode-all",
+            help="Re-encode every image (marked or not) with the same encoder, so that encodings "
+            "cannot tell marked samples apart (JPEGs are then all re-compressed once).",
+        ),
+    ] = False,
+    max_batch_pixels: Annotated[
+        int | None,
+        typer.Option(
+            "--max-batch-pixels",
+            help="Most decoded pixels (H*W) marked together [default: 4194304 = 2048^2]; larger "
+            "images are refused (or skipped). Marking memory grows with it.",
+        ),
+    ] = None,
     kit_decoys: Annotated[int, typer.Option("--kit-decoys", help="Kit decoys per class.")] = 39,
     kit_per_class: Annotated[
         int, typer.Option("--kit-per-class", help="Kit images per class.")
@@ -144,6 +160,8 @@ def mark(
         resume=resume,
         on_error=on_error,
         kit=KitRequest(kit_probe, kit_decoys, kit_per_class) if kit_probe else None,
+        reencode_all=reencode_all,
+        **({"max_batch_pixels": max_batch_pixels} if max_batch_pixels is not None else {}),
     )
     secret, record = load_secret_key(keystore, key, passphrase_fn())
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

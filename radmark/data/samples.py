@@ -6,6 +6,7 @@ directory is refused wherever it is read or written."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -18,9 +19,18 @@ IMAGE_EXTS: tuple[str, ...] = (
 #: File name endings we recognise as shards (directories are scanned for these).
 SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 
-#: A single member larger than this is refused: no image we mark needs it, and reading it into
-#: memory could take the machine down.
-MAX_MEMBER_BYTES: int = 1 << 30
+
+def _env_bytes(name: str, default: int) -> int:
+    """A positive integer number of bytes from the environment, else ``default``."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
+
+
+#: A single member larger than this is refused (issue #12): members are read into memory, and a
+#: marking window holds a batch's samples, so this bounds memory per sample; no image radmark can
+#: mark comes near it (a 2048² RGB PNG is at most 12 MiB). ``RADMARK_MAX_MEMBER_BYTES`` (bytes,
+#: read at import) raises it for datasets with large non-image members.
+MAX_MEMBER_BYTES: int = _env_bytes("RADMARK_MAX_MEMBER_BYTES", 64 << 20)
 
 
 @dataclass

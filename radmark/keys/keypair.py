@@ -6,6 +6,12 @@ to prove authorship of every record. The public record (format version, public k
 time, parameters) is canonical JSON signed by that key; the fingerprint is SHA-256 of the
 signed record's canonical bytes, printed ``sha256:<hex>``.
 
+Labels: ``radmark/v1/ed25519-signing-key`` (signatures), ``carrier-seed`` (carriers),
+``sample-selection`` (which samples are marked), ``decoy-carrier-seed`` and ``kit-slots`` (kits),
+``selection-digest`` (the key of the HMAC that a mark record stores per shard over the marked
+sample keys: a commitment the owner can open, which nobody without the secret can test guesses
+against; records made before it stored an unkeyed SHA-256, see ``keys/records.py``).
+
 Signed objects (key records and mark records) share one envelope: a JSON object whose
 ``signature`` field holds ``{"alg": "ed25519", "value": base64}`` over the canonical bytes of the
 object without that field.
@@ -13,7 +19,10 @@ object without that field.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +45,47 @@ INFO_DECOYS = b"radmark/v1/decoy-carrier-seed"
 INFO_KIT_SLOTS = b"radmark/v1/kit-slots"
 INFO_TWINS = b"radmark/v1/twin-publication"
 INFO_TAGGANTS = b"radmark/v1/key-images"
+INFO_SELECTION_DIGEST = b"radmark/v1/selection-digest"
+SELECTION_DIGEST = "hmac-sha256"  # how mark records digest the marked keys (absent: sha256)
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def shard_digest_key(digest_key: bytes, output_sha256: str) -> bytes:
+    """The HMAC key of one output shard's selection digest: HMAC(digest key, output hash).
+
+    Per shard, so that opening one shard's commitment (revealing its marked keys and this key)
+    lets nobody test guesses against any other shard or record of the same owner key.
+    """
+    return hmac.new(digest_key, f"shard|{output_sha256}".encode(), hashlib.sha256).digest()
+
+
+def selection_digest(
+    digest_key: bytes, output_sha256: str, shard: str, marked_keys: Sequence[str]
+) -> str:
+    """Hex HMAC-SHA256 over one shard's name and its marked sample keys (in shard order).
+
+    ``digest_key`` is :meth:`SecretKey.selection_digest_key`; the HMAC key is
+    :func:`shard_digest_key` of the output shard's hex SHA-256. The message is the canonical JSON
+    ``{"marked": [...], "shard": name}``, so keys holding newlines cannot collide.
+    """
+    msg = canonical_json({"marked": list(marked_keys), "shard": shard})
+    key = shard_digest_key(digest_key, output_sha256)
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def pixel_digest(seed: bytes, image: Any) -> bytes:
+    """A keyed digest of one image's decoded pixels, uint8 [C, H, W] (the layout marking and probe
+    loading share). ``seed`` is :meth:`SecretKey.selection_seed`: the private index of marked
+    images (``verify/guard.py``) reveals nothing without the key."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(image, dtype=np.uint8)
+    shape = ",".join(str(v) for v in arr.shape).encode()
+    msg = b"radmark/v1/pixels|" + shape + b"|" + arr.tobytes()
+    return hmac.new(seed, msg, hashlib.sha256).digest()[:16]
 
 
 def _raw_public(pub: Ed25519PublicKey) -> bytes:
@@ -162,6 +208,16 @@ class SecretKey:
     def kit_slot_seed(self) -> bytes:
         """Seed that hides which slot of a kit holds the true carrier (radmark/kit.py)."""
         return _hkdf(self._secret, INFO_KIT_SLOTS)
+
+    def selection_digest_key(self) -> bytes:
+        """Key of the per-shard HMAC over the marked sample keys in mark records (issue #12).
+
+        An unkeyed hash of a few marked keys per shard is inverted by trying every subset; an HMAC
+        under a key derived from this one reveals nothing without the secret, yet the owner can
+        open one shard's digest (show its marked keys and :func:`shard_digest_key`, which reveals
+        neither the carriers, the selection seed nor any other shard's digest key).
+        """
+        return _hkdf(self._secret, INFO_SELECTION_DIGEST)
 
     def public_key_b64(self) -> str:
         return b64encode(_raw_public(self.signing_key().public_key()))

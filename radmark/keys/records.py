@@ -11,6 +11,12 @@ The bodies are also *written* here (:func:`mark_record_body`, :func:`kit_record_
 schema exists once. Fields added later are optional with a default that reproduces what older
 records meant (``method`` absent = the paper's radioactive method), so every record made by an
 earlier version still loads and verifies (tests/data/legacy holds such files).
+
+Which samples were marked is a secret (issue #12): each shard's ``marked_keys_sha256`` is, since
+``selection.digest`` = ``"hmac-sha256"``, an HMAC keyed from the owner's secret
+(``keys/keypair.py``: ``selection_digest``), not a plain hash that could be inverted by trying
+subsets. Records without ``selection.digest`` (made before) hold a plain SHA-256 of the keys
+joined by newlines; they load as before and say so in :attr:`MarkRecord.selection_digest`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 from radmark import __version__
 from radmark.canonical import address, utc_timestamp
 from radmark.errors import IntegrityError
-from radmark.keys.keypair import PublicKeyRecord
+from radmark.keys.keypair import SELECTION_DIGEST, PublicKeyRecord
 
 MARK_RECORD_TYPE = "radmark.mark"
 KIT_RECORD_TYPE = "radmark.kit"
@@ -102,7 +108,11 @@ class MarkerRef:
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One input shard of a marking run and the output shard it became."""
+    """One input shard of a marking run and the output shard it became.
+
+    ``marked_keys_digest`` commits to the shard's marked sample keys: an HMAC (record field
+    ``marked_keys_sha256``, kind in :attr:`MarkRecord.selection_digest`), never the keys.
+    """
 
     name: str
     input_sha256: str
@@ -132,6 +142,7 @@ class MarkRecord:
     shards: tuple[ShardRef, ...]
     plan: Mapping[str, Any] | None
     method_data: Mapping[str, Any]
+    selection_digest: str = "sha256"  # how shards' marked_keys_sha256 were made (legacy: sha256)
 
     @classmethod
     def from_signed(
@@ -162,6 +173,9 @@ class MarkRecord:
         fraction = b.number("fraction", sel)
         if not 0.0 < fraction <= 1.0:
             raise b._bad("selection.fraction", "in (0, 1]")
+        digest_kind = b.text("digest", sel, default="sha256")
+        if digest_kind not in ("sha256", SELECTION_DIGEST):
+            raise b._bad("selection.digest", f"'sha256' or {SELECTION_DIGEST!r}")
         counts = b.mapping("counts")
         shards = []
         for s in b.sequence("shards"):
@@ -202,6 +216,7 @@ class MarkRecord:
             shards=tuple(shards),
             plan=plan,
             method_data=method_data,
+            selection_digest=digest_kind,
         )
 
     @property
@@ -262,7 +277,7 @@ def mark_record_body(
         "dim": marker.dim,
         "num_classes": num_classes,
         "params": dict(params),
-        "selection": {"rule": selection_rule, "fraction": fraction},
+        "selection": {"rule": selection_rule, "fraction": fraction, "digest": SELECTION_DIGEST},
         "label_field": label_field,
         "counts": dict(counts),
         "shards": [

@@ -1,10 +1,18 @@
-"""The output directory's bookkeeping: lock, manifest, resume state, leftovers of killed runs.
+"""A marking run's bookkeeping: the output directory's lock and the private run state.
 
-- ``.radmark.lock`` (an exclusive flock, released even on SIGKILL) keeps two runs out of one
-  directory; under torchrun each rank holds its own lock file.
-- The manifest is written atomically before the first shard (pinning the settings) and after every
-  shard; a resumed run skips shards whose output exists with the hash recorded there and refuses
-  other settings. An earlier run that finished no shard needs no --resume.
+- ``.radmark.lock`` in ``--out`` (an exclusive flock, released even on SIGKILL) keeps two runs
+  out of one directory; under torchrun each rank holds its own lock file. The lock files are
+  empty; nothing else but the output shards is ever written to ``--out``, which is what the owner
+  publishes.
+- The run state (the settings, and per finished shard its hashes, counts and *marked sample
+  keys*) reveals which samples are marked, a secret (issue #12), so it lives in the keystore:
+  ``<keystore>/runs/<run id>/state.json`` (0600 in 0700 directories), run id = SHA-256 of the key
+  fingerprint and the resolved ``--out`` path, so the owner finds it from the command line alone.
+  Torchrun ranks other than 0 write ``rank<r>.json`` beside it. The state is written atomically
+  before the first shard (pinning the settings) and after every shard; a resumed run skips
+  shards whose output exists with the hash recorded there and refuses other settings. An earlier
+  run that finished no shard needs no --resume. Resuming needs the same ``--keystore`` and the
+  same ``--out`` path.
 - Temp files left by a killed run are removed by the next run (under the lock).
 """
 
@@ -12,24 +20,39 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from radmark.data.writer import sha256_file
 from radmark.errors import InputError
 from radmark.fsutil import atomic_write_bytes
+from radmark.keys.sealing import check_private
 
-MANIFEST = "radmark-manifest.json"
 LOCK = ".radmark.lock"
+#: What radmark before issue #12 wrote into --out; it lists the marked samples.
+LEGACY_MANIFEST = "radmark-manifest.json"
+STATE = "state.json"
+STATE_TYPE = "radmark.run"
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ShardReport:
+    """One shard of a run: hashes, counts, budget figures (no sample key: see the run state).
+
+    unchanged: selected samples the method could not change (copied byte-identical, not marked,
+        not counted in ``marked``). reencoded: marked images written back in a lossy container
+        (JPEG, lossy WebP); lossy_mark_kept: their mean fraction of the mark that survived it
+        (⟨stored − original, marked − original⟩ / ‖marked − original‖², 1 = all of it).
+    skip_reasons: sample key → why it was copied unmarked (--on-error skip), the first 100.
+    """
+
     name: str
     input_sha256: str
     output_sha256: str
@@ -41,10 +64,17 @@ class ShardReport:
     linf_max: int
     feature_cos_mean: float | None
     marked_keys_sha256: str
+    unchanged: int = 0
+    reencoded: int = 0
+    lossy_mark_kept: float | None = None
+    skip_reasons: dict[str, str] = field(default_factory=dict)
     resumed: bool = False
 
 
-_REPORT_FIELDS = set(ShardReport.__dataclass_fields__)
+_REQUIRED = {
+    f.name for f in fields(ShardReport) if f.default is MISSING and f.default_factory is MISSING
+}
+_OPTIONAL = {f.name for f in fields(ShardReport)} - _REQUIRED - {"resumed"}
 
 
 @contextlib.contextmanager
@@ -72,11 +102,11 @@ def lock(out_dir: Path, name: str = LOCK) -> Iterator[None]:
 
 def report_from_entry(entry: dict[str, Any], *, resumed: bool) -> ShardReport:
     try:
-        return ShardReport(
-            **{**{f: entry[f] for f in _REPORT_FIELDS - {"resumed"}}, "resumed": resumed}
-        )
+        values = {f: entry[f] for f in _REQUIRED}
     except KeyError as exc:
-        raise InputError(f"manifest entry {entry.get('name')!r} lacks {exc}") from None
+        raise InputError(f"run state entry {entry.get('name')!r} lacks {exc}") from None
+    values.update({f: entry[f] for f in _OPTIONAL if f in entry})
+    return ShardReport(**values, resumed=resumed)
 
 
 def make_dir(out_dir: Path) -> None:
@@ -113,62 +143,118 @@ def rank_lock(rank: int) -> str:
     return f".radmark.rank{rank}.lock"
 
 
-_PARTIAL_RE = re.compile(r"\.radmark-manifest\.rank(\d+)\.json")
+# ------------------------------------------------------------------ the private run state
 
 
-def _partial_name(rank: int) -> str:
-    return f".radmark-manifest.rank{rank}.json"
+@dataclass(frozen=True)
+class RunDir:
+    """Where one run's private state lives: ``<keystore>/runs/<run id>/``."""
+
+    path: Path
+    out: str  # the resolved --out, recorded in the state so tools can find it
+
+    @classmethod
+    def of(cls, keystore: Path, fingerprint: str, out_dir: Path) -> RunDir:
+        out = str(Path(out_dir).resolve())
+        run_id = hashlib.sha256(f"radmark/v1/run|{fingerprint}|{out}".encode()).hexdigest()
+        return cls(Path(keystore) / "runs" / run_id, out)
+
+    @property
+    def state(self) -> Path:
+        return self.path / STATE
+
+    def partial(self, rank: int) -> Path:
+        return self.path / f"rank{rank}.json"
+
+    def make(self) -> None:
+        """Create ``runs/`` and the run's directory, 0700; refuse symlinks and open modes."""
+        for d in (self.path.parent, self.path):
+            if d.is_symlink():
+                raise InputError(f"keystore {d} is a symbolic link; refusing to follow it")
+            try:
+                d.mkdir(mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"cannot create {d}: {exc.strerror or exc}") from None
+            if d.stat().st_mode & 0o077:
+                raise InputError(
+                    f"{d} holds which samples are marked but is open to others; run: chmod 700 {d}"
+                )
 
 
-def load_state(out_dir: Path, cfg: dict[str, Any], resume: bool) -> dict[str, dict[str, Any]]:
-    """Shards finished by earlier runs: the manifest plus any torchrun ranks' partial files.
+_PARTIAL_RE = re.compile(r"rank(\d+)\.json")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    check_private(path)
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable {what} ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict):
+        raise InputError(f"{path}: not a radmark {what}")
+    return doc
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    atomic_write_bytes(path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n", 0o600)
+
+
+def load_state(
+    run: RunDir, out_dir: Path, cfg: dict[str, Any], resume: bool
+) -> dict[str, dict[str, Any]]:
+    """Shards finished by earlier runs: the state plus any torchrun ranks' partial files.
 
     An earlier run that finished no shard leaves nothing to protect, so it does not need
     --resume (and its settings need not match): a run that failed on its first shard can simply
-    be started again with fixed inputs.
+    be started again with fixed inputs. Output shards that no state accounts for are never
+    overwritten, --resume or not.
     """
-    path = out_dir / MANIFEST
-    if not path.exists():
-        existing = [n for n in _listdir(out_dir) if n in cfg["shards"]]
-        if existing and not resume:
-            raise InputError(f"{out_dir} already holds {existing[0]}; use another --out")
-        return {}
-    try:
-        man = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(man, dict) or not isinstance(man.get("config"), dict):
-        raise InputError(f"{path}: not a radmark manifest; use another --out")
-    shards = man.get("shards")
-    done: dict[str, dict[str, Any]] = dict(shards) if isinstance(shards, dict) else {}
-    for entries in read_partials(out_dir, man["config"]).values():
+    if (out_dir / LEGACY_MANIFEST).exists():
+        raise InputError(
+            f"{out_dir} holds {LEGACY_MANIFEST} from an earlier radmark version; it lists the "
+            "marked samples, so never publish it: finish that run with the earlier version, or "
+            "use another --out"
+        )
+    done: dict[str, dict[str, Any]] = {}
+    state_cfg: Any = None
+    if run.state.exists():
+        doc = _read_json(run.state, "run state")
+        state_cfg = doc["config"]
+        shards = doc.get("shards")
+        done = dict(shards) if isinstance(shards, dict) else {}
+    for entries in read_partials(run, state_cfg).values():
         done.update(entries)
     if not done:
+        existing = [n for n in _listdir(out_dir) if n in cfg["shards"]]
+        if existing:
+            raise InputError(
+                f"{out_dir} already holds {existing[0]}, which no run of this key in keystore "
+                f"{run.path.parent.parent} wrote; use another --out"
+            )
         return {}
     if not resume:
         raise InputError(
-            f"{out_dir} holds an earlier run's manifest; pass --resume to continue "
-            "it, or use another --out"
+            f"{out_dir} holds an earlier run's shards; pass --resume to continue it, or use "
+            "another --out"
         )
-    if man["config"] != cfg:
+    if state_cfg != cfg:
         raise InputError(
-            f"{path}: the earlier run used other settings (key, marker, parameters, "
-            "fraction or shards); use another --out"
+            f"{out_dir}: the earlier run used other settings (marker, parameters, fraction, "
+            "shards or options); use another --out"
         )
     return done
 
 
-def read_partials(out_dir: Path, cfg: dict[str, Any]) -> dict[int, dict[str, dict[str, Any]]]:
+def read_partials(run: RunDir, cfg: dict[str, Any] | None) -> dict[int, dict[str, dict[str, Any]]]:
     found: dict[int, dict[str, dict[str, Any]]] = {}
-    for fname in _listdir(out_dir):
+    if cfg is None or not run.path.is_dir():
+        return found
+    for fname in _listdir(run.path):
         m = _PARTIAL_RE.fullmatch(fname)
         if m is None:
             continue
-        try:
-            doc = json.loads((out_dir / fname).read_bytes())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{out_dir / fname}: unreadable partial manifest ({exc})") from None
-        if isinstance(doc, dict) and doc.get("config") == cfg:
+        doc = _read_json(run.path / fname, "partial run state")
+        if doc.get("config") == cfg:
             shards = doc.get("shards")
             if isinstance(shards, dict):
                 names = set(cfg.get("shards") or [])
@@ -176,13 +262,55 @@ def read_partials(out_dir: Path, cfg: dict[str, Any]) -> dict[int, dict[str, dic
     return found
 
 
-def write_partial(
-    out_dir: Path, rank: int, cfg: dict[str, Any], mine: dict[str, dict[str, Any]]
+def write_partial(run: RunDir, rank: int, cfg: dict[str, Any], mine: dict[str, Any]) -> None:
+    doc = {"type": f"{STATE_TYPE}.partial", "rank": rank, "config": cfg, "shards": mine}
+    _write_json(run.partial(rank), doc)
+
+
+def write_state(
+    run: RunDir, cfg: dict[str, Any], done: dict[str, dict[str, Any]], record: str | None = None
 ) -> None:
-    doc = {"type": "radmark.manifest.partial", "rank": rank, "config": cfg, "shards": mine}
-    atomic_write_bytes(
-        out_dir / _partial_name(rank), json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n"
-    )
+    doc = {
+        "type": STATE_TYPE,
+        "format_version": STATE_VERSION,
+        "out": run.out,
+        "config": cfg,
+        "shards": {k: done[k] for k in sorted(done)},
+        "record": record,
+    }
+    _write_json(run.state, doc)
+
+
+def find_state(keystore: Path, out_dir: Path) -> dict[str, Any] | None:
+    """The private state of the run(s) that wrote ``out_dir``, by any key, or None.
+
+    For the owner and the tests: which samples each shard's run marked (``shards[name]
+    ["marked_keys"]``), with which settings, and its record.
+    """
+    out = str(Path(out_dir).resolve())
+    runs = Path(keystore) / "runs"
+    for d in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if (d / STATE).is_file():
+            doc = _read_json(d / STATE, "run state")
+            if doc.get("out") == out:
+                return doc
+    return None
+
+
+def pixel_index(keystore: Path, record: str) -> set[bytes]:
+    """The keyed digests of every image the runs that signed ``record`` (hex address) marked.
+
+    For the probe guard (``verify/guard.py``); runs made before the index existed have none.
+    """
+    out: set[bytes] = set()
+    runs = Path(keystore) / "runs"
+    for d in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if (d / STATE).is_file():
+            doc = _read_json(d / STATE, "run state")
+            if str(doc.get("record", "")).removeprefix("sha256:") == record:
+                for entry in (doc.get("shards") or {}).values():
+                    out.update(bytes.fromhex(h) for h in entry.get("pixel_digests") or [])
+    return out
 
 
 def _unlink(path: Path) -> None:
@@ -201,38 +329,25 @@ def _listdir(directory: Path) -> list[str]:
         raise InputError(f"cannot list {directory}: {exc.strerror or exc}") from None
 
 
-def remove_partials(out_dir: Path) -> None:
-    for fname in _listdir(out_dir):
+def remove_partials(run: RunDir) -> None:
+    for fname in _listdir(run.path):
         if _PARTIAL_RE.fullmatch(fname):
-            _unlink(out_dir / fname)
+            _unlink(run.path / fname)
 
 
 # shards.write_shard: .NAME.PID.HEX8.tmp; fsutil.atomic_write_bytes: .NAME.PID.tmp
 _TEMP_RE = re.compile(r"\.(?P<base>.+?)\.\d+(?:\.[0-9a-f]{8})?\.tmp")
 
 
-def remove_stale_temps(out_dir: Path, names: list[str]) -> None:
+def remove_stale_temps(out_dir: Path, names: list[str], run: RunDir) -> None:
     """Delete temp files a killed run left (we hold the lock, so none is being written)."""
-    ours = set(names) | {MANIFEST}
-    for fname in _listdir(out_dir):
-        m = _TEMP_RE.fullmatch(fname)
-        if m is not None and (m.group("base") in ours or _PARTIAL_RE.fullmatch(m.group("base"))):
-            _unlink(out_dir / fname)
-
-
-def write_manifest(
-    out_dir: Path, cfg: dict[str, Any], done: dict[str, dict[str, Any]], record: str | None = None
-) -> None:
-    man = {
-        "type": "radmark.manifest",
-        "format_version": 1,
-        "config": cfg,
-        "shards": {k: done[k] for k in sorted(done)},
-        "record": record,
-    }
-    atomic_write_bytes(
-        out_dir / MANIFEST, json.dumps(man, indent=1, sort_keys=True).encode() + b"\n"
-    )
+    for directory, ours in ((out_dir, set(names)), (run.path, {STATE})):
+        for fname in _listdir(directory):
+            m = _TEMP_RE.fullmatch(fname)
+            if m is not None and (
+                m.group("base") in ours or _PARTIAL_RE.fullmatch(m.group("base"))
+            ):
+                _unlink(directory / fname)
 
 
 def still_valid(path: Path, url: str, prev: dict[str, Any]) -> bool:
@@ -244,3 +359,30 @@ def still_valid(path: Path, url: str, prev: dict[str, Any]) -> bool:
         return sha256_file(Path(url)) == prev.get("input_sha256")
     except OSError:
         return False
+
+
+def config(
+    fp: str,
+    marker_id: str,
+    method: str,
+    params: dict[str, Any],
+    options: Any,
+    num_classes: int,
+    names: list[str],
+) -> dict[str, Any]:
+    """What must match for a resume to continue an earlier run (``options``: MarkOptions)."""
+    cfg = {
+        "key": fp,
+        "marker": marker_id,
+        "params": params,
+        "fraction": options.fraction,
+        "num_classes": num_classes,
+        "label_field": options.label_field,
+        "shards": names,
+        "on_error": options.on_error,
+    }
+    if method != "radioactive":  # absent = radioactive, as in records
+        cfg["method"] = method
+    if options.reencode_all:  # absent = only marked images are re-encoded
+        cfg["reencode_all"] = True
+    return cfg

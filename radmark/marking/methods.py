@@ -12,7 +12,7 @@ the seam existed, which all used the paper's method, ``radioactive``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,6 +27,22 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """The imperceptibility budget a run promises for every image it returns (issue #12).
+
+    linf_levels: max |x̃ − x| in integer pixel levels (the radioactive method: ⌊radius⌋).
+    psnr_floor: per-image PSNR lower bound in dB, or None when the method has no L2 budget.
+
+    The shard pipeline checks every marked image against it after every batch, independently of
+    what the method reports, and refuses the whole shard (nothing written, no record) when one
+    image is outside it: a broken marker must never wipe a dataset.
+    """
+
+    linf_levels: int
+    psnr_floor: float | None = None
+
+
+@dataclass(frozen=True)
 class MarkBatchResult:
     """What marking one batch produced (all tensors on the input's device).
 
@@ -35,20 +51,28 @@ class MarkBatchResult:
     linf: int64 [B], max |x̃ − x| in pixel levels.
     feature_cos: float32 [B], a method-defined quality number in [−1, 1] (the radioactive method:
         cosine of the marker's feature shift with the carrier); NaN where undefined.
+    finite: bool [B], whether the method's float image was finite (no inf/NaN) before it was
+        quantised to uint8; None if the method has no float stage. A False entry fails the run:
+        quantising NaN gives arbitrary levels (nearly black images) that look like valid pixels.
     """
 
     images: torch.Tensor
     psnr: torch.Tensor
     linf: torch.Tensor
     feature_cos: torch.Tensor
+    finite: torch.Tensor | None = None
 
 
 class MethodRun(Protocol):
     """One marking run of a method with one key and one marker: holds the run's secrets.
 
     ``mark`` is called once per batch (images of one size); ``sample_ids`` are the samples'
-    ``__key__`` strings, for methods whose per-image secrets derive from them.
+    ``__key__`` strings, for methods whose per-image secrets derive from them. ``budget`` is the
+    bound every returned image keeps (checked by the pipeline, see :class:`Budget`).
     """
+
+    @property
+    def budget(self) -> Budget: ...
 
     def mark(
         self,
@@ -59,8 +83,15 @@ class MethodRun(Protocol):
         generator: torch.Generator,
     ) -> MarkBatchResult: ...
 
-    def record_fields(self) -> dict[str, Any]:
-        """``carriers`` (format + commitment, or None) and ``method_data`` for the record."""
+    def private_data(self) -> list[bytes]:
+        """What the method must keep private from the batches marked since the last call (e.g.
+        every twin candidate), then forgets it; the pipeline stores each blob content-addressed
+        and 0600 in the keystore after every shard, so a killed run keeps what it finished."""
+        ...
+
+    def record_fields(self, private: Sequence[str] = ()) -> dict[str, Any]:
+        """``carriers`` (format + commitment, or None) and ``method_data`` for the record;
+        ``private``: the keystore addresses of every private blob of the run, in shard order."""
         ...
 
 

@@ -16,13 +16,14 @@ that detect it (white box, pull-back, black-box decoy rank).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from radmark.errors import UsageError
+from radmark.errors import ModelError, UsageError
 from radmark.marking.budget import (
     NORM_STD,
     enforce_psnr,
@@ -31,7 +32,7 @@ from radmark.marking.budget import (
     psnr,
     round_levels,
 )
-from radmark.marking.methods import MarkBatchResult, register_method
+from radmark.marking.methods import Budget, MarkBatchResult, register_method
 from radmark.marking.presets import PRESETS, MarkingParams, get_preset
 from radmark.marking.views import random_views
 
@@ -133,6 +134,13 @@ def mark_batch(
         u = carriers.to(torch.float32)[labels]  # [B, d]
         with torch.no_grad():
             f0 = phi(x01)  # reference features of the un-augmented original, [B, d]
+        if not bool(torch.isfinite(f0).all()):
+            # Finite weights can still overflow (issue #12: first conv weights ±3e38): every
+            # gradient would be NaN and the "marked" images arbitrary. Refuse the marker.
+            raise ModelError(
+                "the marker's features are not finite (inf or NaN) on these images: its weights "
+                "overflow; retrain it or choose another --marker (nothing was written)"
+            )
 
         # z: perturbation in normalised pixel units, δ = z · NORM_STD in [0, 1] pixel values.
         z = torch.zeros_like(x01, requires_grad=True)
@@ -164,7 +172,9 @@ def mark_batch(
                 z.copy_((x_new - x01) / NORM_STD)
 
         with torch.no_grad():
-            final_lv = round_levels((x01 + z * NORM_STD) * 255.0, x_lv, params.radius)
+            final_float = (x01 + z * NORM_STD) * 255.0
+            finite = torch.isfinite(final_float).flatten(1).all(dim=1)  # [B], before rounding
+            final_lv = round_levels(final_float, x_lv, params.radius)
             if params.psnr_floor is not None:
                 final_lv = enforce_psnr(final_lv, x_lv, params.psnr_floor)
             marked = final_lv.to(torch.uint8)
@@ -177,6 +187,7 @@ def mark_batch(
         psnr=psnr(images, marked),
         linf=linf.to(torch.int64),
         feature_cos=cos,
+        finite=finite,
     )
 
 
@@ -191,6 +202,7 @@ class _RadioactiveRun:
         self._features = marker.features
         self._params = params
         self._device = device
+        self.budget = Budget(int(math.floor(params.radius)), params.psnr_floor)
 
     def mark(
         self,
@@ -210,7 +222,10 @@ class _RadioactiveRun:
             autocast_dtype=torch.bfloat16 if self._device.startswith("cuda") else None,
         )
 
-    def record_fields(self) -> dict[str, Any]:
+    def private_data(self) -> list[bytes]:
+        return []  # the carriers re-derive from the key: nothing to keep
+
+    def record_fields(self, private: Sequence[str] = ()) -> dict[str, Any]:
         return {"carriers": dict(self._digest)}
 
 

@@ -10,7 +10,12 @@ Guarantees (issues #3, #7 and #12, docs/security.md):
   augmentation generator of each shard is seeded from the key fingerprint and the shard's name,
   so a run killed at any point and resumed produces byte-identical output
   (tests/e2e/test_mark_kill_resume.py);
-- which samples are marked is a keyed secret draw (``marking/selection.py``);
+- a marker whose features are not finite on the first shard's images is refused before anything
+  is written, and every marked batch is checked against the method's budget
+  (``marking/pipeline.py``): a broken marker never wipes a dataset;
+- which samples are marked is a keyed secret draw (``marking/selection.py``); the run state that
+  lists them lives in the keystore, never in --out (``marking/manifest.py``), and the record
+  holds only keyed digests of them;
 - under ``torchrun`` (WORLD_SIZE > 1) rank r marks the shards with index ≡ r (mod world size)
   (``marking/distributed.py``);
 - the run ends with a signed, content-addressed mark record in the keystore (``keys/records.py``)
@@ -20,7 +25,6 @@ Guarantees (issues #3, #7 and #12, docs/security.md):
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +41,14 @@ from radmark.keys.store import Keystore
 from radmark.marking import manifest as mf
 from radmark.marking.distributed import ProcessGroup
 from radmark.marking.manifest import ShardReport
-from radmark.marking.pipeline import ShardJob, fault_point, mark_shard
+from radmark.marking.pipeline import (
+    MAX_BATCH_PIXELS,
+    ShardJob,
+    fault_point,
+    first_images,
+    mark_shard,
+    shard_seed,
+)
 from radmark.marking.selection import SELECTION_RULE
 
 if TYPE_CHECKING:
@@ -67,6 +78,8 @@ class MarkOptions:
     resume: bool = False
     on_error: str = "fail"  # "fail" | "skip" (copy the sample unmarked, count it)
     kit: KitRequest | None = None
+    reencode_all: bool = False  # re-encode unmarked images too: encodings reveal nothing
+    max_batch_pixels: int = MAX_BATCH_PIXELS  # decoded pixels marked together (and per image)
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,7 @@ class MarkResult:
     images: int
     marked: int
     skipped: int
+    unchanged: int
     psnr_mean: float | None
     psnr_min: float | None
     linf_max: int
@@ -110,36 +124,6 @@ class Progress:
     psnr_mean: float | None
 
 
-def _config(
-    fp: str,
-    marker_id: str,
-    method: str,
-    params: dict[str, Any],
-    options: MarkOptions,
-    num_classes: int,
-    names: list[str],
-) -> dict[str, Any]:
-    """What must match for a resume to continue an earlier run."""
-    cfg = {
-        "key": fp,
-        "marker": marker_id,
-        "params": params,
-        "fraction": options.fraction,
-        "num_classes": num_classes,
-        "label_field": options.label_field,
-        "shards": names,
-        "on_error": options.on_error,
-    }
-    if method != "radioactive":  # absent = radioactive: manifests of earlier versions resume
-        cfg["method"] = method
-    return cfg
-
-
-def _shard_seed(fp: str, name: str) -> int:
-    digest = hashlib.sha256(f"radmark/v1/augment|{fp}|{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
 def _check_options(options: MarkOptions) -> None:
     if not 0.0 < options.fraction <= 1.0:
         raise UsageError(f"--fraction must be in (0, 1], got {options.fraction}")
@@ -147,6 +131,8 @@ def _check_options(options: MarkOptions) -> None:
         raise UsageError("--on-error must be 'fail' or 'skip'")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.max_batch_pixels < 1:
+        raise UsageError(f"--max-batch-pixels must be at least 1, got {options.max_batch_pixels}")
     if options.kit is not None:  # checked before hours of marking, not after
         if options.kit.decoys < 1 or options.kit.per_class < 1:
             raise UsageError("--kit-decoys and --kit-per-class must be at least 1")
@@ -168,8 +154,8 @@ def mark_shards(
     """Mark a fraction of the images of ``specs`` into ``out_dir``; write the mark record.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r marks the shards whose index is r modulo the
-    world size; ranks other than 0 record their shards in ``.radmark-manifest.rank{r}.json`` and
-    rank 0 merges everything into the one manifest and writes the one mark record (covering all
+    world size; ranks other than 0 record their shards in ``rank{r}.json`` beside the private run
+    state, and rank 0 merges everything into the state and writes the one mark record (covering all
     shards, in input order). Rank 0 returns the full result, other ranks the result for their own
     shards (with the same ``record``). Augmentation seeds derive from (key, shard name), so a
     shard's bytes do not depend on which rank, or how many ranks, marked it.
@@ -208,6 +194,7 @@ def _mark_shards(
 ) -> MarkResult:
     from radmark.marking.methods import get_method
     from radmark.models import load_model
+    from radmark.models.markers import check_features_finite
 
     t0 = time.perf_counter()
     rank, world = group.rank, group.world
@@ -228,6 +215,11 @@ def _mark_shards(
         method = get_method(options.method)
         params = method.params(options.preset, options.overrides)
         marker = load_model(marker_spec, arch=marker_arch, device=options.device)
+        own_urls = [u for i, u in enumerate(urls) if i % world == rank]
+        if own_urls and not own_urls[0].startswith("pipe:"):  # a pipe is read once, by the run
+            check_features_finite(
+                marker, first_images(own_urls[0], max_pixels=options.max_batch_pixels), own_urls[0]
+            )
         num_classes = options.num_classes or marker.num_classes
         run = method.start(key, marker, num_classes, params, device=options.device)
     except Exception as exc:
@@ -235,10 +227,14 @@ def _mark_shards(
     group.agree(err)
     fp = key_record.fingerprint
     params_doc = method.params_to_record(params)
-    cfg = _config(fp, marker.identity, method.name, params_doc, options, num_classes, names)
+    cfg = mf.config(fp, marker.identity, method.name, params_doc, options, num_classes, names)
+    state = mf.RunDir.of(keystore, fp, out_dir)
     job = ShardJob(
         method_run=run,
         selection_seed=key.selection_seed(),
+        digest_key=key.selection_digest_key(),
+        reencode_all=options.reencode_all,
+        max_batch_pixels=options.max_batch_pixels,
         fraction=options.fraction,
         num_classes=num_classes,
         label_field=options.label_field,
@@ -253,17 +249,18 @@ def _mark_shards(
         try:
             mf.make_dir(out_dir)
             stack.enter_context(mf.lock(out_dir, mf.LOCK if rank == 0 else mf.rank_lock(rank)))
-            done = mf.load_state(out_dir, cfg, options.resume)
+            state.make()
+            done = mf.load_state(state, out_dir, cfg, options.resume)
         except Exception as exc:
             err = exc
         group.agree(err)
-        # Phase 2: rank 0 clears what killed runs left and pins the settings in the manifest.
+        # Phase 2: rank 0 clears what killed runs left and pins the settings in the run state.
         err = None
         if rank == 0:
             try:
-                mf.remove_stale_temps(out_dir, names)
-                mf.write_manifest(out_dir, cfg, done)
-                mf.remove_partials(out_dir)
+                mf.remove_stale_temps(out_dir, names, state)
+                mf.write_state(state, cfg, done)
+                mf.remove_partials(state)
             except Exception as exc:
                 err = exc
         group.agree(err)
@@ -307,23 +304,26 @@ def _mark_shards(
                         counters["psnr_n"] += len(finite)
                         report_progress(name, k)
 
-                    rep, marked_keys = mark_shard(
-                        url, name, out_dir, job, _shard_seed(fp, name), on_batch
+                    rep, secrets = mark_shard(
+                        url, name, out_dir, job, shard_seed(fp, name), on_batch
                     )
+                    private = [store.put_kit(blob) for blob in secrets.method_private]
                     fault_point("shard")
                     entry = {f: v for f, v in asdict(rep).items() if f != "resumed"}
-                    mine[name] = {**entry, "marked_keys": marked_keys}
+                    mine[name] = {**entry, "marked_keys": secrets.marked_keys,
+                                  "pixel_digests": secrets.pixel_digests,
+                                  "private": private}  # fmt: skip
                     if rank == 0:
-                        mf.write_manifest(out_dir, cfg, {**done, **mine})
+                        mf.write_state(state, cfg, {**done, **mine})
                     else:
-                        mf.write_partial(out_dir, rank, cfg, mine)
+                        mf.write_partial(state, rank, cfg, mine)
                 counters["images"] += rep.samples
                 reports.append(rep)
                 report_progress(name, k + 1)
         except Exception as exc:
             err = exc
         group.agree(err)
-        # Phase 4: rank 0 merges every rank's shards, writes the record and the final manifest.
+        # Phase 4: rank 0 merges every rank's shards, writes the record and the final state.
         err = None
         record_addr: str | None = None
         all_reports = reports
@@ -331,18 +331,20 @@ def _mark_shards(
             try:
                 merged = {**done, **mine}
                 fresh = set(mine)
-                for entries in mf.read_partials(out_dir, cfg).values():
+                for entries in mf.read_partials(state, cfg).values():
                     merged.update(entries)
                     fresh.update(entries)
                 missing = [n for n in names if n not in merged]
                 if missing:
-                    raise InputError(f"{out_dir}: no manifest entry for {missing[0]} after marking")
+                    raise InputError(
+                        f"{out_dir}: no run state entry for {missing[0]} after marking"
+                    )
                 mine_reports = {r.name: r for r in reports}
                 all_reports = [
                     mine_reports.get(n) or mf.report_from_entry(merged[n], resumed=n not in fresh)
                     for n in names
                 ]
-                fields = run.record_fields()
+                fields = run.record_fields([a for n in names for a in merged[n].get("private", [])])
                 body = mark_record_body(
                     key_fingerprint=fp,
                     method=method.name,
@@ -363,6 +365,7 @@ def _mark_shards(
                         "images": sum(r.samples for r in all_reports),
                         "marked": sum(r.marked for r in all_reports),
                         "skipped": sum(r.skipped for r in all_reports),
+                        "unchanged": sum(r.unchanged for r in all_reports),
                     },
                     shards=[
                         ShardRef(
@@ -385,8 +388,8 @@ def _mark_shards(
                         f"cannot write the mark record into the keystore {keystore}: "
                         f"{exc.strerror or exc}"
                     ) from None
-                mf.write_manifest(out_dir, cfg, merged, record=record_addr)
-                mf.remove_partials(out_dir)
+                mf.write_state(state, cfg, merged, record=record_addr)
+                mf.remove_partials(state)
             except Exception as exc:
                 err = exc
         group.agree(err)
@@ -419,6 +422,7 @@ def _mark_shards(
         images=sum(r.samples for r in all_reports),
         marked=sum(r.marked for r in all_reports),
         skipped=sum(r.skipped for r in all_reports),
+        unchanged=sum(r.unchanged for r in all_reports),
         psnr_mean=(sum(p * m for p, m in psnr_pairs) / psnr_n) if psnr_n else None,
         psnr_min=min(psnrs) if psnrs else None,
         linf_max=max((r.linf_max for r in all_reports), default=0),

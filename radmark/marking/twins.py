@@ -34,7 +34,7 @@ import torch
 from radmark.errors import IntegrityError, UsageError
 from radmark.keys.draws import uniform_index
 from radmark.marking.budget import psnr
-from radmark.marking.methods import MarkBatchResult, register_method
+from radmark.marking.methods import Budget, MarkBatchResult, register_method
 
 if TYPE_CHECKING:
     from radmark.keys.keypair import SecretKey
@@ -307,6 +307,10 @@ class _TwinsRun:
         self._p = params
         self._device = device
         self._parts: list[tuple[list[str], np.ndarray, np.ndarray]] = []
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(linf_levels=int(math.floor(self._p.linf)), psnr_floor=self._p.psnr_floor)
 
     def mark(self, images: torch.Tensor, labels: torch.Tensor, sample_ids: list[str], *,
              generator: torch.Generator) -> MarkBatchResult:  # fmt: skip

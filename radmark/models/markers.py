@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from radmark.errors import ModelError, UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from radmark.keys.records import MarkerRef
     from radmark.models.loaded import LoadedModel
 
@@ -47,3 +49,28 @@ def load_marker(
             f"marker {where} is {marker.identity}, but the mark was made with {ref.id}"
         )
     return marker
+
+
+def check_features_finite(marker: LoadedModel, images: np.ndarray, where: str) -> None:
+    """Refuse a marker whose features on real images are not finite (issue #12).
+
+    Weights can all be finite and still overflow (first conv weights of ±3e38): marking would
+    then follow NaN gradients and write arbitrary pixels. ``images``: uint8 [B, H, W, C] from the
+    run's first shard (``where``); an empty batch checks nothing.
+    """
+    import torch
+
+    if images.shape[0] == 0:
+        return
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    try:
+        with torch.no_grad():
+            feats = marker.features(x.to(marker.device))
+    except (RuntimeError, ValueError):
+        return  # images this marker cannot take (too small...): the run reports them per sample
+    if not bool(torch.isfinite(feats).all()):
+        raise ModelError(
+            f"marker {marker.name}: its features are not finite (inf or NaN) on the first images "
+            f"of {where}; its weights overflow, so it cannot mark anything: retrain it or choose "
+            "another --marker"
+        )

@@ -100,6 +100,16 @@ def mark(res: MarkResult) -> None:
         f"{res.marked}/{res.images} images marked ({res.skipped} skipped), "
         f"{res.images_per_s:.1f} images/s, method {res.method}, marker {res.marker}"
     )
+    if res.unchanged:
+        e.print(
+            f"[yellow]{res.unchanged} selected images could not be marked (the method left them "
+            "unchanged; they were copied as they were): is the marker trained?[/yellow]"
+        )
+    kept = [(r.reencoded, r.lossy_mark_kept) for r in res.shards if r.lossy_mark_kept is not None]
+    if kept:
+        n = sum(k for k, _ in kept)
+        frac = sum(k * v for k, v in kept) / n
+        e.print(f"{n} marked images re-encoded lossily (JPEG/WebP) keep {frac:.0%} of the mark")
     e.print(f"mark record: {res.record}")
     if res.kit is not None:
         kit(res.kit)

@@ -63,6 +63,7 @@ def mark_json(res: MarkResult) -> dict[str, Any]:
         "images": res.images,
         "marked": res.marked,
         "skipped": res.skipped,
+        "unchanged": res.unchanged,
         "psnr_mean": res.psnr_mean,
         "psnr_min": res.psnr_min,
         "linf_max": res.linf_max,
@@ -78,9 +79,13 @@ def mark_json(res: MarkResult) -> dict[str, Any]:
                 "samples": r.samples,
                 "marked": r.marked,
                 "skipped": r.skipped,
+                "unchanged": r.unchanged,
                 "output_sha256": r.output_sha256,
                 "resumed": r.resumed,
                 "feature_cos_mean": r.feature_cos_mean,
+                "reencoded": r.reencoded,
+                "lossy_mark_kept": r.lossy_mark_kept,
+                "skip_reasons": dict(r.skip_reasons),
             }
             for r in res.shards
         ],

@@ -18,14 +18,12 @@ bias measured in that case.
 from __future__ import annotations
 
 import hashlib
-import hmac
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from radmark.errors import InputError
+from radmark.keys.keypair import pixel_digest
 
 if TYPE_CHECKING:
     from radmark.data.arrays import Probe
@@ -61,21 +59,13 @@ def check_probe_shards(probe: Sequence[str], records: Iterable[MarkRecord]) -> N
             )
 
 
-def pixel_digest(key: SecretKey, image: np.ndarray) -> bytes:
-    """A keyed digest of one image's decoded pixels, uint8 [C, H, W] (the layout marking and
-    probe loading both use), so the index of marked images reveals nothing without the key."""
-    arr = np.ascontiguousarray(image, dtype=np.uint8)
-    shape = ",".join(str(v) for v in arr.shape).encode()
-    return hmac.new(key.selection_seed(), b"radmark/v1/pixels|" + shape + b"|" + arr.tobytes(),
-                    hashlib.sha256).digest()[:16]  # fmt: skip
-
-
 def check_probe_pixels(probe: Probe, key: SecretKey, marked: set[bytes], record: str) -> None:
     """Refuse a probe holding any image whose pixels a run of this key marked."""
     if not marked:
         return
+    seed = key.selection_seed()
     for i in range(probe.images.shape[0]):
-        if pixel_digest(key, probe.images[i]) in marked:
+        if pixel_digest(seed, probe.images[i]) in marked:
             raise InputError(
                 f"probe image {probe.keys[i]} is an image marked by mark record {record}: the "
                 "probe must be clean images that were never marked; use a held-out split"

@@ -241,6 +241,13 @@ def verify_model(
         head=head,
         settings=settings,
     )
+    if evidence.probe is not None:  # the pixel half of the probe guard (verify/guard.py)
+        from radmark.marking.manifest import pixel_index
+        from radmark.verify.guard import check_probe_pixels
+
+        for rec, key in selected:
+            marked = pixel_index(store.root, rec.address)
+            check_probe_pixels(evidence.probe, key, marked, rec.short)
     suspect = evidence.suspect
     for rec, _key in selected:  # cheap check before any feature extraction
         if suspect.num_classes != rec.num_classes:

@@ -20,8 +20,15 @@ from typer.testing import CliRunner
 
 from radmark.cli import app
 from radmark.data.sources import iter_samples
-from radmark.marking.manifest import LOCK, MANIFEST
-from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
+from radmark.marking.manifest import LOCK, find_state
+from tests.factories import (
+    make_broken_marker,
+    make_key,
+    make_marker,
+    make_shards,
+    sha256_tree,
+    temp_files,
+)
 
 runner = CliRunner()
 
@@ -91,8 +98,9 @@ def test_mark_json_fields_record_and_keys_show(world: dict[str, Path], tmp_path:
     assert 0 < doc["marked"] < 32 and doc["psnr_min"] >= 42 and doc["linf_max"] <= 2
     assert doc["record"].startswith("sha256:") and doc["images_per_s"] > 0
     assert sha256_tree(world["in"]) == before
-    man = json.loads((out / MANIFEST).read_bytes())
-    assert man["record"] == doc["record"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, "data-000000.tar", "data-000001.tar"]
+    man = find_state(world["ks"], out)  # which samples are marked: in the keystore only
+    assert man is not None and man["record"] == doc["record"]
     assert sum(len(e["marked_keys"]) for e in man["shards"].values()) == doc["marked"]
     shown = run("keys", "show", doc["record"][:20], "--keystore", str(world["ks"]), "--json")
     assert shown.exit_code == 0, shown.output
@@ -193,7 +201,7 @@ def test_a_run_that_finished_no_shard_can_simply_be_rerun(world, tmp_path: Path)
     )
     out = tmp_path / "out"
     _one_error_line(run(*_args(world, out, "--json", shards=[str(bad)])), "bad-000000.tar")
-    assert (out / MANIFEST).exists()  # settings pinned, but no shard finished
+    assert find_state(world["ks"], out) is not None  # settings pinned, but no shard finished
     res = run(*_args(world, out, "--json"))  # other shards, no --resume: nothing to protect
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["images"] == 32
@@ -212,8 +220,11 @@ def test_on_error_skip_copies_the_bad_sample_and_counts_it(world, tmp_path: Path
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["skipped"] == 1 and doc["images"] == 2
-    man = json.loads((tmp_path / "out2" / MANIFEST).read_bytes())
-    assert man["shards"]["bad-000000.tar"]["skipped"] == 1
+    man = find_state(world["ks"], tmp_path / "out2")
+    assert man is not None and man["shards"]["bad-000000.tar"]["skipped"] == 1
+    assert doc["shard_reports"][0]["skip_reasons"] == {"00000777": man["shards"][
+        "bad-000000.tar"]["skip_reasons"]["00000777"]}  # fmt: skip
+    assert "does not decode" in doc["shard_reports"][0]["skip_reasons"]["00000777"]
     copied = {s.key: s for s in iter_samples(str(tmp_path / "out2" / "bad-000000.tar"))}
     assert copied["00000777"].get("png") == junk  # copied unmarked, byte for byte
 
@@ -245,7 +256,7 @@ def test_concurrent_real_runs_second_refused_first_completes(world, tmp_path: Pa
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        while not (out / MANIFEST).exists():  # written once the first run holds the lock
+        while find_state(world["ks"], out) is None:  # written once the first run holds the lock
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.02)
         second = run(*_args(world, out, "--resume", "--json"))
@@ -253,7 +264,7 @@ def test_concurrent_real_runs_second_refused_first_completes(world, tmp_path: Pa
     finally:
         stdout, stderr = first.communicate(timeout=120)
     assert first.returncode == 0, stderr.decode()
-    assert json.loads((out / MANIFEST).read_bytes())["record"] is not None
+    assert (find_state(world["ks"], out) or {})["record"] is not None
     assert sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar", "data-000001.tar"]
 
 
@@ -340,3 +351,141 @@ def test_bad_kit_options_fail_before_marking(world, tmp_path: Path) -> None:
     assert not out.exists() or not any(out.glob("*.tar"))
     res = run(*_args(world, out, "--json"), "--kit-probe", str(world["in"]), "--kit-decoys", "0")
     _one_error_line(res, "--kit-decoys")
+
+
+# --------------------------------------------------------------------------------------------
+# issue #12: a broken marker never wipes a dataset; the output directory reveals no selection;
+# memory is bounded by the batch
+
+
+def _fresh_key(tmp_path: Path) -> tuple[Path, Path]:
+    ks, key = tmp_path / "ks", tmp_path / "owner.key"
+    make_key(ks, key)
+    return ks, key
+
+
+def _mark_records(ks: Path) -> list[object]:
+    res = run("keys", "list", "--keystore", str(ks), "--json")
+    assert res.exit_code == 0, res.output
+    return [e for e in json.loads(res.stdout)["entries"] if e["kind"] == "mark"]
+
+
+def test_marker_whose_features_overflow_exit_2_nothing_written_no_record(
+    world, tmp_path: Path
+) -> None:
+    """Before: exit 0, PSNR min 2.85 dB, L-inf 255, nearly black images and a signed record."""
+    ks, key = _fresh_key(tmp_path)
+    marker = make_broken_marker(tmp_path / "overflow.safetensors", "overflow")
+    w = {**world, "ks": ks, "key": key, "marker": marker}
+    out = tmp_path / "out"
+    _one_error_line(run(*_args(w, out, "--json")), "features are not finite", "data-000000.tar")
+    assert not out.exists()  # refused at load time, before --out was even created
+    assert _mark_records(ks) == []
+
+
+def test_marker_whose_gradients_vanish_reports_nothing_marked(world, tmp_path: Path) -> None:
+    """Before: 'marked' counted selected images whose bytes were identical to the input."""
+    ks, key = _fresh_key(tmp_path)
+    marker = make_broken_marker(tmp_path / "dead.safetensors", "dead")
+    w = {**world, "ks": ks, "key": key, "marker": marker}
+    out = tmp_path / "out"
+    res = run(*_args(w, out, "--json"))
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["marked"] == 0 and doc["unchanged"] > 0 and doc["linf_max"] == 0
+    assert all(r["marked"] == 0 for r in doc["shard_reports"])
+    for src in sorted(world["in"].glob("*.tar")):
+        assert (out / src.name).read_bytes() == src.read_bytes()  # byte-identical copies
+    (rec,) = _mark_records(ks)
+    assert rec["images"] == 0  # `keys list` shows the record's marked count
+    shown = json.loads(run("keys", "show", rec["address"], "--keystore", str(ks), "--json").stdout)
+    assert shown["record"]["counts"]["unchanged"] == doc["unchanged"]
+    assert "could not be marked" in run(*_args(w, tmp_path / "out2")).stderr  # said to people
+
+
+def test_run_state_is_private_and_out_holds_only_shards(world, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = run(*_args(world, out, "--json"))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, "data-000000.tar", "data-000001.tar"]
+    assert (out / LOCK).stat().st_size == 0
+    runs = [p for p in (world["ks"] / "runs").iterdir() if (p / "state.json").is_file()]
+    state = next(p / "state.json" for p in runs if find_state(world["ks"], out) is not None)
+    assert state.stat().st_mode & 0o777 == 0o600 and state.parent.stat().st_mode & 0o777 == 0o700
+    # a manifest an earlier version left in --out (it lists the marked samples) is refused
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "radmark-manifest.json").write_text('{"config": {}, "shards": {}}')
+    _one_error_line(run(*_args(world, legacy, "--json")), "radmark-manifest.json", "never publish")
+
+
+def _peak_rss_mb(args: list[str]) -> tuple[int, str, float]:
+    """Exit code, stderr and peak RSS (MB) of ``python -m radmark ARGS`` in a fresh process."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "sys.stderr.write(r.stderr)\n"
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "radmark", *args],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    rc, kb = proc.stdout.split()
+    return int(rc), proc.stderr, int(kb) / 1024
+
+
+def _zeros_tar_gz(path: Path, members: int, size: int) -> Path:
+    """A tar.gz of ``members`` all-zero members of ``size`` bytes, streamed (never in memory)."""
+    import gzip
+
+    class Zeros(io.RawIOBase):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:  # noqa: ANN001
+            k = min(len(b), self.n)
+            b[:k] = bytes(k)
+            self.n -= k
+            return k
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        gzip.open(path, "wb", compresslevel=1) as gz,
+        tarfile.open(fileobj=gz, mode="w|", format=tarfile.USTAR_FORMAT) as tf,
+    ):
+        for i in range(members):
+            info = tarfile.TarInfo(f"{i:08d}.bin" if i else "00000000.png")
+            info.size = size
+            tf.addfile(info, Zeros(size))
+    return path
+
+
+def test_hostile_sizes_exit_2_or_mark_in_bounded_memory(world, tmp_path: Path) -> None:
+    """A 20 KB tar holding one 4000x4000 PNG, and a .tar.gz of three 400 MB zero members.
+    Before: 2.8 GB RSS and a 1.2 GB output, or MemoryError (exit 1). After: exit 2 with one line
+    (or, with --on-error skip, the image copied unmarked), in about the memory of a tiny run."""
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.new("L", (4000, 4000)).save(buf, format="PNG", optimize=True)
+    big = _tar(tmp_path / "big" / "big-000000.tar", [("00000001.png", buf.getvalue()),
+                                                     ("00000001.cls", b"1")])  # fmt: skip
+    assert big.stat().st_size < 40_000
+    zeros = _zeros_tar_gz(tmp_path / "zeros" / "zeros-000000.tar.gz", 3, 400 << 20)
+    rc, err, base = _peak_rss_mb(_args(world, tmp_path / "base", "--json"))
+    assert rc == 0, err
+    rc, err, peak = _peak_rss_mb(_args(world, tmp_path / "o1", "--json", shards=[str(big)]))
+    assert rc == 2 and "4000x4000" in err and "--max-batch-pixels" in err, err
+    assert peak < base + 200, (peak, base)
+    rc, err, peak = _peak_rss_mb(
+        _args(world, tmp_path / "o2", "--json", "--on-error", "skip", shards=[str(big)])
+    )
+    assert rc == 0, err
+    assert peak < base + 200, (peak, base)
+    rc, err, peak = _peak_rss_mb(_args(world, tmp_path / "o3", "--json", shards=[str(zeros)]))
+    assert rc == 2 and "too large" in err, err
+    assert peak < base + 200, (peak, base)
+    assert not (tmp_path / "o3").exists() or not list((tmp_path / "o3").glob("*.tar*"))

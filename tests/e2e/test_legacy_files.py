@@ -41,6 +41,7 @@ def test_legacy_keystore_opens_and_lists(legacy: dict[str, object]) -> None:
     store = Keystore.open(root / "keys")
     rec = store.mark_record(str(legacy["record"]))
     assert rec.method == "radioactive" and rec.num_classes == 10 and rec.dim == 128
+    assert rec.selection_digest == "sha256"  # made before the keyed digest (issue #12)
     key, pub = store.secret(rec.fingerprint, lambda: None)
     rec.check_carriers(carriers_digest(derive_carriers(key.carrier_seed(), 128, 10, rec.marker.id)))
     assert [k.address for k in store.kit_records()] == [str(legacy["kit"]).removeprefix("sha256:")]

@@ -2,8 +2,8 @@
 
 ``radmark mark`` runs as a real subprocess and is SIGKILLed again and again: at random times in
 [0, T] (T = the measured uninterrupted duration) and at exact points placed with the test-only
-hook ``RADMARK_TEST_KILL_AT``, read only by ``tests/kill_hook.py`` (after a marked batch, half-way through writing a shard's temp file,
-after a shard's rename but before the manifest update). Each kill is followed by ``--resume``.
+hook ``RADMARK_TEST_KILL_AT``, read only by ``tests/kill_hook.py`` (after a marked batch, with a
+shard's temp file partly written, after a shard's rename but before the run state's update). Each kill is followed by ``--resume``.
 When a chain finally completes, every output shard and every per-shard manifest entry must equal
 an uninterrupted run's, the inputs must be unchanged and no temp file may remain.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from radmark.marking.manifest import MANIFEST
+from radmark.marking.manifest import find_state
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 SHARDS, PER_SHARD = 6, 8
@@ -47,10 +47,11 @@ def _env(kill_at: str | None = None) -> dict[str, str]:
 
 
 def _state(out: Path) -> dict[str, object]:
-    """Where a kill landed: shards recorded in the manifest, shard files, temp files."""
+    """Where a kill landed: shards recorded in the run state, shard files, temp files."""
     recorded: list[str] = []
-    if (out / MANIFEST).exists():
-        recorded = sorted(json.loads((out / MANIFEST).read_bytes())["shards"])
+    man = find_state(out.parent / "ks", out) if out.is_dir() else None
+    if man is not None:
+        recorded = sorted(man["shards"])
     files = sorted(p.name for p in out.glob("*.tar")) if out.is_dir() else []
     return {
         "recorded": len(recorded),
@@ -60,7 +61,8 @@ def _state(out: Path) -> dict[str, object]:
 
 
 def _shards_and_entries(out: Path) -> tuple[dict[str, str], dict[str, object], dict[str, object]]:
-    man = json.loads((out / MANIFEST).read_bytes())
+    man = find_state(out.parent / "ks", out)  # the private run state, in the keystore
+    assert man is not None
     tars = {k: v for k, v in sha256_tree(out).items() if k.endswith(".tar")}
     return tars, man["shards"], man["config"]
 

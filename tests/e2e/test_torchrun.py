@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from radmark.cli import app
 from radmark.keys.manage import show_object
-from radmark.marking.manifest import MANIFEST
+from radmark.marking.manifest import find_state
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -49,8 +49,14 @@ def root(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _manifest(out: Path) -> dict:
+    man = find_state(out.parent / "ks", out)  # the private run state, in the keystore
+    assert man is not None
+    return man
+
+
 def _state(out: Path) -> tuple[dict[str, str], dict, dict]:
-    man = json.loads((out / MANIFEST).read_bytes())
+    man = _manifest(out)
     tars = {k: v for k, v in sha256_tree(out).items() if k.endswith(".tar")}
     return tars, man["shards"], man["config"]
 
@@ -69,9 +75,13 @@ def test_torchrun_two_ranks_equals_one_process(root: Path) -> None:
     assert entries == ref_entries and config == ref_config
     assert sha256_tree(root / "in") == before
     assert not temp_files(out)
-    assert not list(out.glob(".radmark-manifest.rank*.json"))  # partials merged and removed
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".tar")) == [
+        ".radmark.lock",
+        ".radmark.rank1.lock",
+    ]  # only shards and locks: nothing that reveals the selection
     # one record, covering all five shards in input order, reported by rank 0 only
-    man = json.loads((out / MANIFEST).read_bytes())
+    man = _manifest(out)
+    assert not list(Path(root / "ks" / "runs").glob("*/rank*.json"))  # partials merged, removed
     rec = show_object(root / "ks", man["record"]).record
     assert [s["name"] for s in rec["shards"]] == [f"data-{i:06d}.tar" for i in range(5)]
     assert [s["output_sha256"] for s in rec["shards"]] == [
@@ -104,5 +114,5 @@ def test_torchrun_failure_on_one_rank_stops_both(root: Path) -> None:
     assert "another rank of this torchrun job failed" in res.stderr
     out = root / "multi"
     assert not (out / "data-000001.tar").exists() and not temp_files(out)
-    assert json.loads((out / MANIFEST).read_bytes())["record"] is None  # no record written
+    assert _manifest(out)["record"] is None  # no record written
     shutil.rmtree(out)

@@ -8,7 +8,7 @@ import pytest
 
 from radmark.canonical import address, canonical_json
 from radmark.errors import IntegrityError, KeystoreError, RadmarkError
-from radmark.keys.keypair import PublicKeyRecord, SecretKey
+from radmark.keys.keypair import PublicKeyRecord, SecretKey, selection_digest, shard_digest_key
 from radmark.keys.manage import generate_key, load_secret_key
 from radmark.keys.sealing import load_keyfile
 from radmark.keys.store import Keystore
@@ -32,6 +32,28 @@ def test_secret_never_in_repr() -> None:
         import pickle
 
         pickle.dumps(key)
+
+
+def test_selection_digest_is_pinned_keyed_and_per_shard() -> None:
+    """The record's digest of a shard's marked keys (issue #12): HMAC under HKDF(secret,
+    'radmark/v1/selection-digest') then the output shard's hash. Pinned, so a record made today
+    can be opened by every later version."""
+    key = SecretKey(bytes.fromhex(VECTORS["secret_hex"]))
+    dk = key.selection_digest_key()
+    assert dk.hex() == "d11cd3dc0216a59f25efed71e13f9df8922c864abd140412cd85dc30aa95485e"
+    out, keys = "0" * 64, ["00000001", "00000007"]
+    d = selection_digest(dk, out, "data-000000.tar", keys)
+    assert d == "b01fdc31bf9a8990aa5f866ac95169e8cf6f88d273c701a53ca2da96e149dde8"
+    others = {
+        selection_digest(SecretKey.generate().selection_digest_key(), out, "data-000000.tar", keys),
+        selection_digest(dk, "1" * 64, "data-000000.tar", keys),  # another output shard
+        selection_digest(dk, out, "data-000001.tar", keys),
+        selection_digest(dk, out, "data-000000.tar", keys[::-1]),
+        selection_digest(dk, out, "data-000000.tar", ["00000001\n00000007"]),  # no join collision
+    }
+    assert d not in others and len(others) == 5
+    assert dk not in (key.selection_seed(), key.carrier_seed(), key.decoy_seed())
+    assert shard_digest_key(dk, out) != dk
 
 
 def test_record_tampering_and_foreign_signatures_refused() -> None:

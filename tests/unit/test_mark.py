@@ -16,7 +16,7 @@ from PIL import Image
 from radmark.data.sources import iter_samples
 from radmark.errors import InputError
 from radmark.keys.manage import load_secret_key, show_object
-from radmark.marking.manifest import MANIFEST
+from radmark.marking.manifest import LOCK, RunDir, find_state
 from radmark.marking.run import MarkOptions, Progress, mark_shards
 from radmark.marking.selection import is_selected
 from tests.factories import fmnist, make_key, make_marker, make_shards, sha256_tree, temp_files
@@ -124,19 +124,22 @@ def test_round_trip_keeps_everything_but_the_selected_images(
     secret, res = _mark(world, out)
     assert sha256_tree(world["in"]) == before  # inputs untouched
     seed = secret.selection_seed()
-    manifest = json.loads((out / MANIFEST).read_bytes())
-    assert manifest["record"] == res.record
-    total_marked = changed = 0
+    state = find_state(world["ks"], out)  # the private run state: in the keystore, 0600
+    assert state is not None and state["record"] == res.record
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, *sorted(r.name for r in res.shards)]
+    total_marked = selected = 0
     for src in sorted(world["in"].glob("*.tar")):
         ins = list(iter_samples(str(src)))
         outs = list(iter_samples(str(out / src.name)))
         assert [s.key for s in outs] == [s.key for s in ins]
         expected = [s.key for s in ins if is_selected(seed, s.key, 0.5)]
-        assert manifest["shards"][src.name]["marked_keys"] == expected
+        marked = state["shards"][src.name]["marked_keys"]
+        assert set(marked) <= set(expected)  # unchanged selected images are not "marked"
+        selected += len(expected)
         for a, b in zip(ins, outs, strict=True):
             assert [e for e, _ in b.members] == [e for e, _ in a.members]
             assert b.get("json") == a.get("json") and b.get("cls") == a.get("cls")
-            if a.key not in expected:
+            if a.key not in marked:
                 assert b.get("png") == a.get("png")
                 continue
             total_marked += 1
@@ -144,11 +147,11 @@ def test_round_trip_keeps_everything_but_the_selected_images(
             assert ib.mode == "L" and ib.size == ia.size  # grayscale stays grayscale
             xa, xb = np.asarray(ia), np.asarray(ib)
             linf = int(np.abs(xa.astype(int) - xb.astype(int)).max())
-            assert linf <= 2  # default preset radius: 2 levels
+            assert 1 <= linf <= 2  # changed, within the default preset's radius of 2 levels
             assert _psnr(xa, xb) >= 42.0
-            changed += b.get("png") != a.get("png")
     assert total_marked == res.marked == sum(r.marked for r in res.shards) > 0
-    assert changed >= total_marked // 2  # a 3-step mark moves (almost) every selected image
+    assert res.marked + res.unchanged == selected
+    assert res.marked >= selected // 2  # a 3-step mark moves (almost) every selected image
     assert res.images == 48 and res.skipped == 0 and len(res.shards) == 3
     assert res.linf_max <= 2 and res.psnr_min is not None and res.psnr_min >= 42.0
     assert res.fingerprint.startswith("sha256:") and res.preset == "default+custom"
@@ -156,7 +159,9 @@ def test_round_trip_keeps_everything_but_the_selected_images(
     shown = show_object(world["ks"], res.record)
     assert shown.kind == "mark"
     rec = shown.record
-    assert rec["counts"] == {"images": 48, "marked": res.marked, "skipped": 0}
+    assert rec["counts"] == {
+        "images": 48, "marked": res.marked, "skipped": 0, "unchanged": res.unchanged
+    }  # fmt: skip
     assert [s["name"] for s in rec["shards"]] == [r.name for r in res.shards]
     assert [s["output_sha256"] for s in rec["shards"]] == [r.output_sha256 for r in res.shards]
     assert rec["key"] == res.fingerprint.removeprefix("sha256:")
@@ -183,15 +188,15 @@ def test_resume_removes_only_its_own_stale_temp_files(
     world: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    _, res = _mark(world, out)
-    stale = [".data-000001.tar.4242.deadbeef.tmp", f".{MANIFEST}.4242.tmp"]
-    for name in stale:
-        (out / name).write_bytes(b"left by a killed run")
+    secret, res = _mark(world, out)
+    run = RunDir.of(world["ks"], res.fingerprint.removeprefix("sha256:"), out)
+    (out / ".data-000001.tar.4242.deadbeef.tmp").write_bytes(b"left by a killed run")
+    (run.path / ".state.json.4242.tmp").write_bytes(b"left by a killed run")
     (out / ".mine.tmp").write_bytes(b"not ours")
     _, again = _mark(world, out, resume=True)
     assert all(r.resumed for r in again.shards)
     assert [r.output_sha256 for r in again.shards] == [r.output_sha256 for r in res.shards]
-    assert temp_files(out) == [".mine.tmp"]
+    assert temp_files(out) == [".mine.tmp"] and not temp_files(run.path)
 
 
 def test_output_directory_holding_the_inputs_is_refused(
@@ -228,19 +233,21 @@ def test_resume_picks_up_a_killed_torchrun_ranks_partial_manifest(
     before rank 0 merged: a resume (with any number of processes) keeps that shard."""
     out = tmp_path / "out"
     _, res = _mark(world, out)
-    man = json.loads((out / MANIFEST).read_bytes())
+    run = RunDir.of(world["ks"], res.fingerprint.removeprefix("sha256:"), out)
+    man = json.loads(run.state.read_bytes())
     moved = man["shards"].pop("data-000001.tar")
     man["record"] = None
-    (out / MANIFEST).write_text(json.dumps(man))
-    partial = out / ".radmark-manifest.rank1.json"
+    run.state.write_text(json.dumps(man))
+    partial = run.partial(1)
     partial.write_text(
         json.dumps({"config": man["config"], "rank": 1, "shards": {"data-000001.tar": moved}})
     )
+    partial.chmod(0o600)
     _, again = _mark(world, out, resume=True)
     assert [r.resumed for r in again.shards] == [True, True, True]
     assert [r.output_sha256 for r in again.shards] == [r.output_sha256 for r in res.shards]
     assert not partial.exists()
-    assert json.loads((out / MANIFEST).read_bytes())["shards"]["data-000001.tar"] == moved
+    assert json.loads(run.state.read_bytes())["shards"]["data-000001.tar"] == moved
 
 
 def test_world_size_without_torchrun_is_a_clear_usage_error(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,13 @@ from radmark.errors import IntegrityError, UsageError
 from radmark.keys.keypair import SecretKey
 from radmark.keys.manage import load_secret_key
 from radmark.keys.records import MarkRecord
-from radmark.marking.methods import METHODS, MarkBatchResult, get_method, register_method
+from radmark.marking.methods import (
+    METHODS,
+    Budget,
+    MarkBatchResult,
+    get_method,
+    register_method,
+)
 from radmark.marking.run import MarkOptions, mark_shards
 from radmark.verify.run import verify_model
 from radmark.verify.statistics import LN10
@@ -32,8 +38,11 @@ from tests.factories import make_key, make_marker, make_shards
 
 
 class _PixelRun:
+    budget = Budget(linf_levels=5, psnr_floor=None)
+
     def __init__(self, level: int) -> None:
         self.level = level
+        self.budget = Budget(linf_levels=5)  # what the pipeline checks every batch against
 
     def mark(self, images: torch.Tensor, labels: torch.Tensor, sample_ids: list[str], *,
              generator: torch.Generator) -> MarkBatchResult:  # fmt: skip
@@ -45,7 +54,10 @@ class _PixelRun:
         return MarkBatchResult(out, torch.full((b,), 60.0, dtype=torch.float64),
                                torch.ones(b, dtype=torch.int64), torch.full((b,), float("nan")))  # fmt: skip
 
-    def record_fields(self) -> dict[str, Any]:
+    def private_data(self) -> list[bytes]:
+        return []
+
+    def record_fields(self, private: Sequence[str] = ()) -> dict[str, Any]:
         return {"carriers": None, "method_data": {"level_sha256": hashlib.sha256(
             str(self.level).encode()).hexdigest()}}  # fmt: skip
 

@@ -1,0 +1,44 @@
+"""``radmark mark --method twins`` + ``radmark verify`` through the real CLI (issue #15).
+
+The twin candidates are kept privately in the keystore per shard (so a resumed run keeps what it
+finished), the record commits to them, and verify runs the twin rank test with no probe or kit.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from radmark.cli import app
+from radmark.keys.store import Keystore
+from tests.factories import make_key, make_marker, make_shards
+
+
+def test_twins_mark_and_verify(tmp_path: Path) -> None:
+    make_shards(tmp_path / "in", n=24, per_shard=8)
+    marker = make_marker(tmp_path / "m.safetensors")
+    make_key(tmp_path / "ks", tmp_path / "owner.key")
+    base = ["--keystore", str(tmp_path / "ks"), "--device", "cpu"]
+    r = CliRunner().invoke(app, ["mark", str(tmp_path / "in"), "--key", str(tmp_path / "owner.key"),
+                                 "--out", str(tmp_path / "out"), "--marker", str(marker),
+                                 "--method", "twins", "--fraction", "0.5", "--steps", "2",
+                                 "--json", *base])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["method"] == "twins" and doc["marked"] > 0 and doc["psnr_min"] >= 42.0
+    rec = Keystore.open(tmp_path / "ks").mark_record(doc["record"])
+    kits = rec.method_data["twin_kits"]
+    assert rec.method == "twins" and rec.carriers_sha256 is None and len(kits) == 3  # one a shard
+    for addr in kits:  # private: 0600, content-addressed, never in --out
+        path = next((tmp_path / "ks" / "kits").rglob(f"{addr}.safetensors"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [
+        "data-000000.tar", "data-000001.tar", "data-000002.tar"]  # fmt: skip
+    v = CliRunner().invoke(app, ["verify", str(marker), "--key", doc["record"], "--json", *base])
+    assert v.exit_code in (0, 1), v.output
+    (res,) = json.loads(v.stdout)["results"]
+    assert set(res["tests"]) == {"twin_rank"} and res["method"] == "twins"
+    assert res["log10_p"] <= 0

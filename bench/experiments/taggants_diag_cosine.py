@@ -38,8 +38,8 @@ ps = list(model.parameters())
 
 
 def grads(x, y):
-    l = F.cross_entropy(model((x - m) / s), y, reduction="sum")
-    return torch.autograd.grad(l, ps)
+    loss_ = F.cross_entropy(model((x - m) / s), y, reduction="sum")
+    return torch.autograd.grad(loss_, ps)
 
 
 def cos(a, b):
@@ -71,13 +71,8 @@ for k in range(4):
         lab[k],
         "n",
         len(gi),
-        "cos clean %.3f crafted %.3f" % (cos(g0, gt), cos(g1, gt)),
-        "|gt| %.3f |g0| %.3f |g1| %.3f"
-        % (
-            float(torch.cat([t.flatten() for t in gt]).norm()),
-            float(torch.cat([t.flatten() for t in g0]).norm()),
-            float(torch.cat([t.flatten() for t in g1]).norm()),
-        ),
+        f"cos clean {cos(g0, gt):.3f} crafted {cos(g1, gt):.3f}",
+        f"|gt| {float(torch.cat([t.flatten() for t in gt]).norm()):.3f} |g0| {float(torch.cat([t.flatten() for t in g0]).norm()):.3f} |g1| {float(torch.cat([t.flatten() for t in g1]).norm()):.3f}",
     )
     print("  per-layer clean  ", lcos(g0, gt))
     print("  per-layer crafted", lcos(g1, gt))
@@ -91,10 +86,5 @@ for k in range(8):
     dg = [a - b for a, b in zip(g1, g0)]
     print(
         k,
-        "cos(g1-g0,gt) %.3f  |g1-g0| %.1f  |g0| %.1f"
-        % (
-            cos(dg, gt),
-            float(torch.cat([t.flatten() for t in dg]).norm()),
-            float(torch.cat([t.flatten() for t in g0]).norm()),
-        ),
+        f"cos(g1-g0,gt) {cos(dg, gt):.3f}  |g1-g0| {float(torch.cat([t.flatten() for t in dg]).norm()):.1f}  |g0| {float(torch.cat([t.flatten() for t in g0]).norm()):.1f}",
     )

@@ -43,7 +43,7 @@ def run(data, epochs, lr):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     xa = torch.from_numpy(data).float() / 255
     ya = torch.from_numpy(Y)
-    for ep in range(epochs):
+    for _ep in range(epochs):
         model.train()
         perm = torch.randperm(len(Y), generator=g)
         for i in range(0, len(Y), 128):

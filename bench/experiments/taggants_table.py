@@ -27,12 +27,12 @@ for f in files:
         if m["kind"] == "surrogate0_clean":
             continue
         t = m["tests"]
-        k = "logit_A%d" % a["A"]
+        k = f"logit_A{a['A']}"
         print(
             f"| {f.stem.removeprefix('taggants_')} | {d['N']} | {d['K']} | {d['poisons']} "
             f"({d['q_actual']:.0%}) | {how} | {cr['psnr_mean']:.1f}/{cr['psnr_min']:.1f} | "
             f"{'marked' if m['kind'] == 'marked_suspect' else 'clean ctrl'} s{m['seed']} | "
             f"{m['test_acc']:.3f} ({m['gap']:+.3f}) | {t[k]['hits']}/{d['K']} | "
             f"{t[k]['mean_rank']:.2f} | {t['logit_A1']['log10p']:.2f} / {t[k]['log10p']:.2f} / "
-            + (f"{t[rk]['log10p']:.2f} |" if (rk := "logprob_res_A%d" % a["A"]) in t else "n/a |")
+            + (f"{t[rk]['log10p']:.2f} |" if (rk := f"logprob_res_A{a['A']}") in t else "n/a |")
         )

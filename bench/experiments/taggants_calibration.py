@@ -24,7 +24,7 @@ import taggants_core as tc
 
 torch.set_num_threads(1)
 C = 10
-KEYS = 3000  # per family
+KEYS = 1500  # per family
 BLOCK = 30
 out = dict(
     script="bench/experiments/taggants_calibration.py",

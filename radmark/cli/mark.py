@@ -11,6 +11,7 @@ import typer
 
 from radmark.cli.app import (
     DeviceOpt,
+    ForceOpt,
     JsonOpt,
     KeystoreOpt,
     app,
@@ -109,12 +110,22 @@ def mark(
     kit_per_class: Annotated[
         int, typer.Option("--kit-per-class", help="Kit images per class.")
     ] = 10,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace files named like output shards in an --out that holds no radmark "
+            "manifest (refused otherwise). Inputs are never replaced.",
+        ),
+    ] = False,
     keystore: KeystoreOpt = Path("keys"),
     json_out: JsonOpt = False,
 ) -> None:
     """Mark a fraction of the images in WebDataset shards, shard by shard, and record the mark.
 
-    A passphrase-protected key is unlocked with RADMARK_PASSPHRASE or a prompt.
+    Output shards keep their input's name and compression (.tar, .tar.gz, .tar.xz, .tar.bz2).
+    Images under 8 px on a side are copied unmarked and counted as skipped. A
+    passphrase-protected key is unlocked with RADMARK_PASSPHRASE or a prompt.
     """
     from radmark.keys.manage import load_secret_key
     from radmark.marking.methods import get_method
@@ -144,6 +155,7 @@ def mark(
         resume=resume,
         on_error=on_error,
         kit=KitRequest(kit_probe, kit_decoys, kit_per_class) if kit_probe else None,
+        force=force,
     )
     secret, record = load_secret_key(keystore, key, passphrase_fn())
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -217,9 +229,13 @@ def marker_train(
         str, typer.Option("--label-field", help="Member holding the integer label.")
     ] = "cls",
     device: DeviceOpt = "auto",
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a marking network on your own shards (small-image stem for small images)."""
+    """Train a marking network on your own shards (small-image stem for small images).
+
+    An existing --out is refused unless --force: mark records bind a marker by its hash.
+    """
     from radmark.models.training import train_marker
     from radmark.report import console
 
@@ -240,6 +256,7 @@ def marker_train(
         num_classes=num_classes,
         limit=limit,
         progress=on_epoch,
+        force=force,
     )
     if json_out:
         emit_json(

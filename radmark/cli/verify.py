@@ -10,6 +10,7 @@ import typer
 from radmark.cli.app import (
     EXIT_DETECTED,
     DeviceOpt,
+    ForceOpt,
     JsonOpt,
     KeystoreOpt,
     app,
@@ -18,7 +19,7 @@ from radmark.cli.app import (
     passphrase_fn,
     resolve_device,
 )
-from radmark.errors import UsageError
+from radmark.errors import RadmarkError, UsageError
 
 EXPECT = ("clean", "marked")
 
@@ -88,6 +89,7 @@ def verify(
         Path | None,
         typer.Option("--plot", help="Write the per-class cosines against the null density (PNG)."),
     ] = None,
+    force: ForceOpt = False,
     keystore: KeystoreOpt = Path("keys"),
     json_out: JsonOpt = False,
 ) -> None:
@@ -104,7 +106,7 @@ def verify(
     if expect not in EXPECT:
         raise UsageError(f"--expect must be one of {', '.join(EXPECT)}, not {expect!r}")
     if plot_file is not None:  # checked before any work; written after the verdict
-        check_target(plot_file, white_box=bool(probe))
+        check_target(plot_file, white_box=bool(probe), force=force)
     res = verify_model(
         model,
         keystore=keystore,
@@ -126,7 +128,10 @@ def verify(
         emit_json(verify_json(res))
     else:
         console.verify(res)
-    if plot_file is not None:
-        cosine_plot(res, plot_file)
+    if plot_file is not None:  # an optional artefact: its failure never replaces the verdict
+        try:
+            cosine_plot(res, plot_file, overwrite=force)
+        except RadmarkError as exc:
+            typer.echo(f"radmark: warning: the plot was not written: {exc.diagnostics()}", err=True)
     failed = res.detected if expect == "clean" else not res.detected
     raise typer.Exit(EXIT_DETECTED if failed else 0)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radmark.canonical import address
-from radmark.errors import InputError, IntegrityError, KeystoreError, UsageError
+from radmark.errors import InputError, IntegrityError, KeystoreError, UsageError, check_count
 from radmark.keys.carriers import carriers_digest, derive_carriers
 from radmark.keys.keypair import SecretKey
 from radmark.keys.records import KitRecord, MarkRecord, kit_record_body
@@ -225,6 +225,7 @@ def build_kit(
         raise UsageError("--decoys must be at least 1")
     if per_class < 1:
         raise UsageError("--per-class must be at least 1")
+    check_count("--batch-size", batch_size)
     if not probe:
         raise UsageError("pass --probe SHARDS: clean labelled held-out images, never marked")
     if not key.matches(record.key):

@@ -20,9 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radmark.canonical import address
+from radmark.data.samples import printable
+from radmark.data.sources import pipe_input_paths
 from radmark.data.writer import sha256_file
-from radmark.errors import InputError
+from radmark.errors import InputError, RadmarkError
 from radmark.fsutil import atomic_write_bytes
+from radmark.keys.store import Keystore
 
 MANIFEST = "radmark-manifest.json"
 LOCK = ".radmark.lock"
@@ -91,22 +95,40 @@ def make_dir(out_dir: Path) -> None:
 
 
 def check_not_inputs(out_dir: Path, urls: list[str], names: list[str]) -> None:
-    """Refuse an --out where an output shard would replace its own input."""
+    """Refuse an --out that holds any input shard's file, whatever the URL form (issue #12).
+
+    Inputs are never modified: an output shard must not replace its own input, nor any other
+    input (``mark 'pipe:cat in/data.tar' --out in`` would write ``in/data.tar``). A local shard,
+    and every file a ``pipe:`` command names (:func:`~radmark.data.sources.pipe_input_paths`),
+    must not lie in --out itself, and no output shard may be the same file as an input (a hard
+    link under another directory).
+    """
     if not out_dir.is_dir():
         return
-    for url, name in zip(urls, names, strict=True):
-        if url.startswith("pipe:"):
-            continue
-        target = out_dir / name
-        try:
-            same = target.exists() and os.path.samefile(target, url)
-        except OSError:
-            same = False  # the input's own problem is reported when it is read
-        if same:
+    out_real = os.path.realpath(out_dir)
+    inputs: list[tuple[str, str]] = []  # (input file, the URL that reads it)
+    for url in urls:
+        files = pipe_input_paths(url) if url.startswith("pipe:") else [url]
+        inputs.extend((f, url) for f in files)
+    for path, url in inputs:
+        if os.path.dirname(os.path.realpath(path)) == out_real:
+            via = f" (read by {url!r})" if url != path else ""
             raise InputError(
-                f"--out {out_dir} would overwrite the input shard {url}; inputs are never "
-                "modified, so choose another --out"
+                f"--out {out_dir} would overwrite the input shard {path}{via}, which lies in "
+                "it; inputs are never modified, so choose another --out"
             )
+    for name in names:
+        target = out_dir / name
+        for path, _url in inputs:
+            try:
+                same = target.exists() and os.path.samefile(target, path)
+            except OSError:
+                same = False  # the input's own problem is reported when it is read
+            if same:
+                raise InputError(
+                    f"--out {out_dir} would overwrite the input shard {path} ({target} is the "
+                    "same file); inputs are never modified, so choose another --out"
+                )
 
 
 def rank_lock(rank: int) -> str:
@@ -120,18 +142,24 @@ def _partial_name(rank: int) -> str:
     return f".radmark-manifest.rank{rank}.json"
 
 
-def load_state(out_dir: Path, cfg: dict[str, Any], resume: bool) -> dict[str, dict[str, Any]]:
+def load_state(
+    out_dir: Path, cfg: dict[str, Any], resume: bool, force: bool = False
+) -> dict[str, dict[str, Any]]:
     """Shards finished by earlier runs: the manifest plus any torchrun ranks' partial files.
 
     An earlier run that finished no shard leaves nothing to protect, so it does not need
     --resume (and its settings need not match): a run that failed on its first shard can simply
-    be started again with fixed inputs.
+    be started again with fixed inputs. A directory without a manifest that holds files named
+    like output shards is not radmark's to overwrite, --resume or not, unless ``force``.
     """
     path = out_dir / MANIFEST
     if not path.exists():
         existing = [n for n in _listdir(out_dir) if n in cfg["shards"]]
-        if existing and not resume:
-            raise InputError(f"{out_dir} already holds {existing[0]}; use another --out")
+        if existing and not force:
+            raise InputError(
+                f"{out_dir} already holds {existing[0]} and no radmark manifest, so it is not an "
+                "earlier run to resume; use another --out, or pass --force to replace such files"
+            )
         return {}
     try:
         man = json.loads(path.read_bytes())
@@ -233,6 +261,33 @@ def write_manifest(
     atomic_write_bytes(
         out_dir / MANIFEST, json.dumps(man, indent=1, sort_keys=True).encode() + b"\n"
     )
+
+
+def recorded_record(out_dir: Path) -> str | None:
+    """The mark record the manifest names (an earlier run that finished), or None."""
+    try:
+        rec = json.loads((out_dir / MANIFEST).read_bytes()).get("record")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return rec if isinstance(rec, str) else None
+
+
+def finished_record(
+    addr: str | None, store: Keystore, fp: str, reports: list[ShardReport]
+) -> str | None:
+    """``addr`` if that record is in ``store``, by key ``fp``, for exactly these output shards;
+    else None. A finished run resumed is then a no-op: signing again would only add a newer
+    record for the same shards, one without the earlier run's kit (issue #12)."""
+    if addr is None:
+        return None
+    try:
+        rec = store.mark_record(addr)
+    except RadmarkError:
+        return None
+    same = [(s.name, s.output_sha256) for s in rec.shards] == [
+        (printable(r.name), r.output_sha256) for r in reports
+    ]
+    return address(rec.address) if rec.fingerprint == fp and same else None
 
 
 def still_valid(path: Path, url: str, prev: dict[str, Any]) -> bool:

@@ -19,12 +19,13 @@ import numpy as np
 
 from radmark.canonical import sha256_hex
 from radmark.data.images import decode_image, encode_png, parse_label
-from radmark.data.samples import Sample
+from radmark.data.samples import Sample, name_bytes
 from radmark.data.sources import iter_samples
 from radmark.data.writer import sha256_file, write_shard
 from radmark.errors import InputError, ShardError
 from radmark.marking.manifest import ShardReport
 from radmark.marking.selection import is_selected
+from radmark.marking.views import MIN_MARK_SIDE
 
 if TYPE_CHECKING:
     from radmark.marking.methods import MethodRun
@@ -83,6 +84,9 @@ def mark_shard(
                 skipped += 1
                 continue
             raise
+        if min(img.shape[:2]) < MIN_MARK_SIDE:  # too small to mark: copied as it is, counted
+            skipped += 1
+            continue
         if is_selected(job.selection_seed, sample.key, job.fraction):
             todo.setdefault(img.shape, []).append((idx, img, label))
     gen = torch.Generator(device=torch.device(job.device).type).manual_seed(seed)
@@ -148,5 +152,5 @@ def mark_shard(
         psnr_min=float(np.min(finite)) if finite else None,
         linf_max=linf_max,
         feature_cos_mean=float(np.mean(cos_finite)) if cos_finite else None,
-        marked_keys_sha256=sha256_hex("\n".join(marked_keys).encode()),
+        marked_keys_sha256=sha256_hex(name_bytes("\n".join(marked_keys))),
     ), marked_keys

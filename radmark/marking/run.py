@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radmark.canonical import address
+from radmark.data.samples import name_bytes, printable
 from radmark.data.sources import expand_shards, shard_name
-from radmark.errors import InputError, UsageError
+from radmark.errors import InputError, UsageError, check_count
 from radmark.keys.records import MarkerRef, ShardRef, mark_record_body
 from radmark.keys.store import Keystore
 from radmark.marking import manifest as mf
@@ -67,6 +68,7 @@ class MarkOptions:
     resume: bool = False
     on_error: str = "fail"  # "fail" | "skip" (copy the sample unmarked, count it)
     kit: KitRequest | None = None
+    force: bool = False  # replace same-named files in an --out that has no manifest
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def _config(
 
 
 def _shard_seed(fp: str, name: str) -> int:
-    digest = hashlib.sha256(f"radmark/v1/augment|{fp}|{name}".encode()).digest()
+    digest = hashlib.sha256(name_bytes(f"radmark/v1/augment|{fp}|{name}")).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -147,6 +149,7 @@ def _check_options(options: MarkOptions) -> None:
         raise UsageError("--on-error must be 'fail' or 'skip'")
     if options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    check_count("--num-classes", options.num_classes)
     if options.kit is not None:  # checked before hours of marking, not after
         if options.kit.decoys < 1 or options.kit.per_class < 1:
             raise UsageError("--kit-decoys and --kit-per-class must be at least 1")
@@ -253,7 +256,8 @@ def _mark_shards(
         try:
             mf.make_dir(out_dir)
             stack.enter_context(mf.lock(out_dir, mf.LOCK if rank == 0 else mf.rank_lock(rank)))
-            done = mf.load_state(out_dir, cfg, options.resume)
+            done = mf.load_state(out_dir, cfg, options.resume, options.force)
+            earlier_record = mf.recorded_record(out_dir) if done else None
         except Exception as exc:
             err = exc
         group.agree(err)
@@ -342,6 +346,10 @@ def _mark_shards(
                     mine_reports.get(n) or mf.report_from_entry(merged[n], resumed=n not in fresh)
                     for n in names
                 ]
+                # A finished run resumed is a no-op: the record it signed stands (issue #12).
+                record_addr = (
+                    None if fresh else mf.finished_record(earlier_record, store, fp, all_reports)
+                )
                 fields = run.record_fields()
                 body = mark_record_body(
                     key_fingerprint=fp,
@@ -366,7 +374,7 @@ def _mark_shards(
                     },
                     shards=[
                         ShardRef(
-                            r.name,
+                            printable(r.name),
                             r.input_sha256,
                             r.output_sha256,
                             r.samples,
@@ -379,7 +387,8 @@ def _mark_shards(
                     method_data=fields.get("method_data"),
                 )
                 try:
-                    record_addr = address(store.put(key.sign(body)))
+                    if record_addr is None:
+                        record_addr = address(store.put(key.sign(body)))
                 except OSError as exc:
                     raise InputError(
                         f"cannot write the mark record into the keystore {keystore}: "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from radmark.canonical import address
-from radmark.errors import KeystoreError, ModelError, UsageError
+from radmark.errors import KeystoreError, ModelError, UsageError, check_count, check_positive
 from radmark.keys.keypair import SecretKey
 from radmark.keys.manage import is_key_file
 from radmark.keys.records import MarkRecord
@@ -198,8 +198,10 @@ def verify_model(
     With ``black_box`` the decoy-rank test runs on each record's verification kit; with
     ``black_box`` and no ``probe`` it runs alone (the model's outputs are all it uses).
     """
-    if not 0.0 < alpha < 1.0:
-        raise UsageError("--alpha must be in (0, 1)")
+    check_positive("--alpha", alpha, below=1.0)
+    check_count("--probe-limit", probe_limit)
+    check_count("--pullback-limit", pullback_limit)
+    check_count("--batch-size", batch_size)
     t0 = time.perf_counter()
     store = Keystore.open(keystore)
     selected = select_records(store, key_ref, passphrase, want_kit=black_box)

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from radmark.data.samples import printable
+
 if TYPE_CHECKING:
     from radmark.keys.manage import KeygenResult, ShownObject
     from radmark.keys.store import Entry
@@ -85,7 +87,7 @@ def mark(res: MarkResult) -> None:
         table.add_column(col, overflow="fold")
     for r in res.shards:
         table.add_row(
-            r.name,
+            printable(r.name),
             str(r.samples),
             str(r.marked),
             str(r.skipped),

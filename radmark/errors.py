@@ -18,8 +18,19 @@ class RadmarkError(Exception):
         self.message = message
 
     def diagnostics(self) -> str:
-        """One line for the terminal: the problem and, where possible, what to do next."""
-        return " ".join(self.message.split())
+        """One line for the terminal: the problem and, where possible, what to do next.
+
+        Names that are not valid UTF-8 (a shard or member name's raw bytes, kept as surrogate
+        escapes) are shown as ``\\xNN`` so the line can always be printed and put in JSON.
+        """
+        return " ".join(_printable(self.message).split())
+
+
+def _printable(text: str) -> str:
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no byte produced
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class UsageError(RadmarkError):
@@ -34,7 +45,10 @@ class ShardError(InputError):
     """A WebDataset shard (or one sample in it) is malformed; names the shard and the sample."""
 
     def __init__(self, shard: str, message: str, sample: str | None = None) -> None:
-        where = f"shard {shard}" + (f", sample {sample!r}" if sample is not None else "")
+        shown = None
+        if sample is not None:  # a name that is not UTF-8 shows its bytes as \xNN, like the shard
+            shown = repr(sample) if _printable(sample) == sample else f"'{_printable(sample)}'"
+        where = f"shard {shard}" + (f", sample {shown}" if shown is not None else "")
         super().__init__(f"{where}: {message}")
         self.shard = shard
         self.sample = sample
@@ -51,3 +65,26 @@ class IntegrityError(RadmarkError):
 
 class KeystoreError(RadmarkError):
     """A key or record cannot be found, is ambiguous, or cannot be unlocked."""
+
+
+def check_count(option: str, value: int | None, lo: int = 1) -> None:
+    """Refuse a count option below ``lo`` (``None`` = not given): one line naming the option.
+
+    Numeric options are checked where the library function starts, before any work, so that a
+    zero or negative value is a usage error and never a ``ZeroDivisionError`` or an empty run
+    hours later (issue #12).
+    """
+    if value is not None and (isinstance(value, bool) or value < lo):
+        raise UsageError(f"{option} must be at least {lo}, got {value}")
+
+
+def check_positive(option: str, value: float | None, *, below: float | None = None) -> None:
+    """Refuse a real option that is not a finite number > 0 (and < ``below`` when given)."""
+    import math
+
+    if value is None:
+        return
+    ok = math.isfinite(value) and value > 0 and (below is None or value < below)
+    if not ok:
+        where = f"in (0, {below:g})" if below is not None else "a finite number > 0"
+        raise UsageError(f"{option} must be {where}, got {value}")

@@ -3,12 +3,18 @@
 Files are written to a temporary name in the same directory (created with their final
 permissions, so a secret is never world-readable even for a moment), fsynced, renamed over the
 target and the directory fsynced.
+
+Nothing a user names is replaced silently (issue #12): a command that writes a file checks its
+target first (:func:`check_new_target`, before any work) and writes it with ``overwrite=False``
+unless ``--force`` was given, which links the finished temp file into place (``link`` fails on an
+existing name, so a file that appeared in the meantime is not replaced either).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 
 from radmark.errors import InputError
@@ -23,8 +29,62 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically, the file created with ``mode`` (not chmod'ed after)."""
+class TargetExistsError(InputError):
+    """A file would be replaced without ``--force``."""
+
+    def __init__(self, path: Path, what: str = "") -> None:
+        what = f"{what} " if what else ""
+        super().__init__(f"{what}{path} already exists; pass --force to replace it")
+
+
+def check_new_target(path: Path, *, force: bool, what: str = "") -> None:
+    """Refuse, before any work, a target that exists (unless ``force``) or cannot be a file.
+
+    A directory or a non-regular file is refused even with ``force``; so is a missing parent
+    directory (named, so the user knows which ``mkdir`` to run).
+    """
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if os.path.lexists(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise InputError(f"{label} is a directory; give a file name")
+        if not force:
+            raise TargetExistsError(path, what)
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise InputError(f"{label} exists and is not a regular file; refusing to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{label}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{label}: directory {parent} is not writable")
+
+
+def place_file(tmp: Path, path: Path, *, overwrite: bool) -> None:
+    """Move the finished temp file ``tmp`` to ``path`` (an existing ``path`` is kept unless
+    ``overwrite``: link + unlink is atomic and fails on an existing name)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise TargetExistsError(path) from None
+    except OSError:  # a filesystem without hard links: check, then rename
+        if os.path.lexists(path):
+            raise TargetExistsError(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write_bytes(
+    path: Path, data: bytes, mode: int = 0o644, *, overwrite: bool = True
+) -> None:
+    """Write ``data`` to ``path`` atomically, the file created with ``mode`` (not chmod'ed after).
+
+    ``overwrite=False`` refuses an existing ``path`` (:class:`TargetExistsError`), checked
+    atomically when the file is put in place.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -39,7 +99,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        place_file(tmp, path, overwrite=overwrite)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -52,19 +112,26 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 def read_regular_file(path: Path, max_bytes: int = 256 * 1024 * 1024) -> bytes:
     """Read a regular file without following a final symlink; refuse anything else."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError as exc:
         raise InputError(f"{path}: no such file") from exc
     except OSError as exc:
         raise InputError(
             f"{path}: cannot open ({exc.strerror}; symbolic links are refused)"
         ) from exc
+    try:
+        st = os.fstat(fd)  # before fdopen, which refuses a directory with its own error
+    except OSError as exc:
+        os.close(fd)
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputError(f"{path}: not a regular file")
+    if st.st_size > max_bytes:
+        os.close(fd)
+        raise InputError(f"{path}: too large ({st.st_size} bytes)")
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        import stat
-
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{path}: not a regular file")
-        if st.st_size > max_bytes:
-            raise InputError(f"{path}: too large ({st.st_size} bytes)")
-        return fh.read()
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from exc

@@ -113,6 +113,9 @@ KeystoreOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output file (never done otherwise).")
+]
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from radmark.cli.app import (
+    ForceOpt,
     JsonOpt,
     KeystoreOpt,
     app,
@@ -35,19 +36,23 @@ def keygen(
         Path | None,
         typer.Option("--out", help="Also write a portable owner key file (secret included, 0600)."),
     ] = None,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a new signed secret key in the keystore and print its fingerprint."""
+    from radmark.fsutil import check_new_target
     from radmark.keys.manage import generate_key
     from radmark.report import console
 
+    if out_file is not None:  # before the passphrase prompt, not after
+        check_new_target(out_file, force=force, what="--out")
     if passphrase is False:
         pw = None
     else:
         pw = passphrase_from_env_or_prompt(confirm=True)
         if passphrase and not pw:
             raise UsageError("--passphrase needs RADMARK_PASSPHRASE or an interactive terminal")
-    result = generate_key(keystore, passphrase=pw, out_file=out_file)
+    result = generate_key(keystore, passphrase=pw, out_file=out_file, force=force)
     if json_out:
         emit_json(
             {
@@ -113,18 +118,39 @@ def keys_export_public(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write to FILE instead of stdout.")
     ] = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Print what can be published: the signed public record (never the secret)."""
+    """Print what can be published: the signed public record (never the secret).
+
+    Without --out the record's canonical bytes go to stdout. Under --json stdout carries one
+    document instead: ``{"schema_version", "address", "record", "path"}``.
+    """
+    import json
+
+    from radmark.fsutil import atomic_write_bytes, check_new_target
     from radmark.keys.manage import export_public
 
+    if out_file is not None:
+        check_new_target(out_file, force=force, what="--out")
     data = export_public(keystore, ref)
     if out_file is not None:
-        from radmark.fsutil import atomic_write_bytes
         from radmark.report import console
 
-        atomic_write_bytes(out_file, data + b"\n")
-        console.err().print(f"wrote {out_file}")
-    else:
+        atomic_write_bytes(out_file, data + b"\n", overwrite=force)
+        if not json_out:
+            console.err().print(f"wrote {out_file}")
+    if json_out:
+        from radmark.canonical import address, sha256_hex
+
+        emit_json(
+            {
+                "address": address(sha256_hex(data)),
+                "record": json.loads(data),
+                "path": str(out_file) if out_file is not None else None,
+            }
+        )
+    elif out_file is None:
         sys.stdout.write(data.decode("utf-8") + "\n")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ import typer
 
 from radmark.cli.app import (
     DeviceOpt,
+    ForceOpt,
     JsonOpt,
     KeystoreOpt,
     app,
@@ -125,18 +127,50 @@ def mark(
     kit_per_class: Annotated[
         int, typer.Option("--kit-per-class", help="Kit images per class.")
     ] = 10,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace files named like output shards in an --out that holds no radmark "
+            "manifest (refused otherwise). Inputs are never replaced.",
+        ),
+    ] = False,
+    plan_tests: Annotated[
+        str | None,
+        typer.Option(
+            "--plan-tests",
+            help="Verification plan: the tests of the verdict, comma-"
+            "separated (default: the method's exact tests; the kit test with --kit-probe).",
+        ),
+    ] = None,
+    plan_alpha: Annotated[
+        float, typer.Option("--plan-alpha", help="Verification plan: the verdict's alpha.")
+    ] = 1e-3,
+    plan_probe: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--plan-probe",
+            help="Verification plan: pin the clean probe shards "
+            "verification will use (by content), repeatable.",
+        ),
+    ] = None,
     keystore: KeystoreOpt = Path("keys"),
     json_out: JsonOpt = False,
 ) -> None:
     """Mark a fraction of the images in WebDataset shards, shard by shard, and record the mark.
 
-    A passphrase-protected key is unlocked with RADMARK_PASSPHRASE or a prompt.
+    Output shards keep their input's name and compression (.tar, .tar.gz, .tar.xz, .tar.bz2).
+    Images under 8 px on a side are copied unmarked and counted as skipped. A
+    passphrase-protected key is unlocked with RADMARK_PASSPHRASE or a prompt.
     """
     from radmark.keys.manage import load_secret_key
+    from radmark.keys.plan import probe_digest
     from radmark.marking.methods import get_method
-    from radmark.marking.run import KitRequest, MarkOptions, mark_shards
+    from radmark.marking.options import KitRequest, MarkOptions
+    from radmark.marking.run import mark_shards
     from radmark.report import console
     from radmark.report.jsonout import mark_json
+    from radmark.verify.run import default_plan
 
     if on_error not in ON_ERROR:
         raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
@@ -161,8 +195,21 @@ def mark(
         on_error=on_error,
         kit=KitRequest(kit_probe, kit_decoys, kit_per_class) if kit_probe else None,
         reencode_all=reencode_all,
-        **({"max_batch_pixels": max_batch_pixels} if max_batch_pixels is not None else {}),
+        force=force,
     )
+    if max_batch_pixels is not None:
+        options = replace(options, max_batch_pixels=max_batch_pixels)
+    pinned = None
+    if plan_probe:  # pre-registered before any suspect exists: verify checks the same content
+        from radmark.data.arrays import load_probe
+
+        pp = load_probe(plan_probe)
+        pinned = probe_digest(pp.images, pp.labels)
+    kit_plan = {"decoys": kit_decoys, "per_class": kit_per_class} if kit_probe else None
+    plan = default_plan(get_method(method).tests, kit=kit_plan, probe_sha256=pinned,
+                        alpha=plan_alpha,
+                        tests=plan_tests.split(",") if plan_tests else None)  # fmt: skip
+    options = replace(options, plan=plan.to_record())
     secret, record = load_secret_key(keystore, key, passphrase_fn())
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -235,9 +282,13 @@ def marker_train(
         str, typer.Option("--label-field", help="Member holding the integer label.")
     ] = "cls",
     device: DeviceOpt = "auto",
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a marking network on your own shards (small-image stem for small images)."""
+    """Train a marking network on your own shards (small-image stem for small images).
+
+    An existing --out is refused unless --force: mark records bind a marker by its hash.
+    """
     from radmark.models.training import train_marker
     from radmark.report import console
 
@@ -258,6 +309,7 @@ def marker_train(
         num_classes=num_classes,
         limit=limit,
         progress=on_epoch,
+        force=force,
     )
     if json_out:
         emit_json(
@@ -299,6 +351,14 @@ def kit_build(
     ] = None,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images marked together.")] = 256,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Build another kit for a record that has one "
+            "(verification still uses the first: kits are built once).",
+        ),
+    ] = False,
     keystore: KeystoreOpt = Path("keys"),
     json_out: JsonOpt = False,
 ) -> None:
@@ -328,6 +388,7 @@ def kit_build(
         per_class=per_class,
         device=resolve_device(device),
         batch_size=batch_size,
+        force=force,
     )
     if json_out:
         emit_json(kit_json(res))

@@ -10,6 +10,7 @@ import typer
 from radmark.cli.app import (
     EXIT_DETECTED,
     DeviceOpt,
+    ForceOpt,
     JsonOpt,
     KeystoreOpt,
     app,
@@ -18,14 +19,20 @@ from radmark.cli.app import (
     passphrase_fn,
     resolve_device,
 )
-from radmark.errors import UsageError
+from radmark.errors import RadmarkError, UsageError
 
 EXPECT = ("clean", "marked")
 
 
 @command(app)
 def verify(
-    model: Annotated[str, typer.Argument(help="MODEL.safetensors, torchvision:NAME or timm:NAME.")],
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="MODEL.safetensors, torchvision:NAME or timm:NAME; several models "
+            "are tested together, Holm-corrected over models x keys."
+        ),
+    ],
     probe: Annotated[
         list[str] | None,
         typer.Option("--probe", help="Clean probe shards (never marked), repeatable."),
@@ -51,8 +58,13 @@ def verify(
         str | None, typer.Option("--head", help="Dotted name of the final Linear layer.")
     ] = None,
     alpha: Annotated[
-        float, typer.Option("--alpha", help="Significance level of the verdict.")
-    ] = 1e-3,
+        float | None,
+        typer.Option(
+            "--alpha",
+            help="Significance level of the verdict (default: the plan's, "
+            "signed at marking; 1e-3 for records without a plan).",
+        ),
+    ] = None,
     expect: Annotated[
         str,
         typer.Option(
@@ -63,8 +75,12 @@ def verify(
         int | None, typer.Option("--probe-limit", help="Use at most N probe images.")
     ] = None,
     center: Annotated[
-        bool, typer.Option("--center/--no-center", help="Fit the alignment with an intercept.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--center/--no-center",
+            help="Fit the alignment with an intercept (default: as planned).",
+        ),
+    ] = None,
     pullback: Annotated[
         bool,
         typer.Option(
@@ -73,8 +89,12 @@ def verify(
         ),
     ] = True,
     pullback_limit: Annotated[
-        int, typer.Option("--pullback-limit", help="Probe images used by the pull-back test.")
-    ] = 2000,
+        int | None,
+        typer.Option(
+            "--pullback-limit",
+            help="Probe images used by the pull-back test (default: as planned, 2000).",
+        ),
+    ] = None,
     black_box: Annotated[
         bool,
         typer.Option(
@@ -88,25 +108,28 @@ def verify(
         Path | None,
         typer.Option("--plot", help="Write the per-class cosines against the null density (PNG)."),
     ] = None,
+    force: ForceOpt = False,
     keystore: KeystoreOpt = Path("keys"),
     json_out: JsonOpt = False,
 ) -> None:
-    """Test a model for your radioactive marks.
+    """Test models for your radioactive marks, following each record's verification plan.
 
-    Exit 0: no mark, 1: mark detected, 2: any failure (3: internal error). A passphrase-protected
-    key is unlocked with RADMARK_PASSPHRASE or a prompt.
+    Exit 0: no mark, 1: mark detected, 2: any failure (3: internal error). Options that differ from
+    the plan signed at marking make the result exploratory (said in the report and the JSON). A
+    passphrase-protected key is unlocked with RADMARK_PASSPHRASE or a prompt; the keystore is
+    RADMARK_KEYSTORE when --keystore is not given.
     """
     from radmark.report import console
     from radmark.report.jsonout import verify_json
     from radmark.report.plot import check_target, cosine_plot
-    from radmark.verify.run import verify_model
+    from radmark.verify.run import verify_models
 
     if expect not in EXPECT:
         raise UsageError(f"--expect must be one of {', '.join(EXPECT)}, not {expect!r}")
     if plot_file is not None:  # checked before any work; written after the verdict
-        check_target(plot_file, white_box=bool(probe))
-    res = verify_model(
-        model,
+        check_target(plot_file, white_box=bool(probe), force=force)
+    res = verify_models(
+        models,
         keystore=keystore,
         probe=probe or [],
         key_ref=key,
@@ -126,7 +149,10 @@ def verify(
         emit_json(verify_json(res))
     else:
         console.verify(res)
-    if plot_file is not None:
-        cosine_plot(res, plot_file)
+    if plot_file is not None:  # an optional artefact: its failure never replaces the verdict
+        try:
+            cosine_plot(res, plot_file, overwrite=force)
+        except RadmarkError as exc:
+            typer.echo(f"radmark: warning: the plot was not written: {exc.diagnostics()}", err=True)
     failed = res.detected if expect == "clean" else not res.detected
     raise typer.Exit(EXIT_DETECTED if failed else 0)

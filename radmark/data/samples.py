@@ -16,8 +16,40 @@ IMAGE_EXTS: tuple[str, ...] = (
     "png", "jpg", "jpeg", "ppm", "pgm", "pbm", "pnm", "bmp", "webp", "tif", "tiff",
 )  # fmt: skip
 
+#: Compression of a shard, by the ending of its name: output shards keep their input's name and
+#: so its compression (``data/writer.py``). Reading sniffs the bytes instead (``tarstream.py``).
+COMPRESSION_BY_SUFFIX: dict[str, str | None] = {
+    ".tar": None,
+    ".tar.gz": "gz", ".tgz": "gz",
+    ".tar.xz": "xz", ".txz": "xz",
+    ".tar.bz2": "bz2", ".tbz2": "bz2", ".tbz": "bz2",
+}  # fmt: skip
+
 #: File name endings we recognise as shards (directories are scanned for these).
-SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+SHARD_SUFFIXES: tuple[str, ...] = tuple(COMPRESSION_BY_SUFFIX)
+
+
+def compression_of(name: str) -> str | None:
+    """``"gz"``, ``"xz"``, ``"bz2"`` or None (a plain tar, or a name we do not recognise)."""
+    for suffix, comp in COMPRESSION_BY_SUFFIX.items():
+        if name.endswith(suffix):
+            return comp
+    return None
+
+
+def name_bytes(text: str) -> bytes:
+    """The bytes a member or file name had on disk or in the tar.
+
+    Names are decoded as UTF-8 with ``surrogateescape`` (tarfile's and the OS's default), so a
+    name that is not valid UTF-8 still round-trips; every hash or seed of a name goes through
+    here, which for valid UTF-8 is the plain UTF-8 encoding (issue #12: such names were a crash).
+    """
+    return text.encode("utf-8", "surrogateescape")
+
+
+def printable(text: str) -> str:
+    """``text`` with any undecodable bytes shown as ``\\xNN``: for messages and signed JSON."""
+    return name_bytes(text).decode("utf-8", "backslashreplace")
 
 
 def _env_bytes(name: str, default: int) -> int:

@@ -7,6 +7,7 @@ WebDataset's ``pipe:`` URLs do."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import tempfile
@@ -34,8 +35,9 @@ def _expand_local(spec: str, original: str) -> list[str]:
             if _is_shard_file(entry.name) and entry.is_file()
         )
         if not found:
+            kinds = ", ".join("*" + s for s in SHARD_SUFFIXES)
             raise InputError(
-                f"directory {spec} contains no shards (*.tar, *.tar.gz, *.tgz); "
+                f"directory {spec} contains no shards ({kinds}); "
                 "point at the shard files or a directory holding them"
             )
         return [os.path.join(path, name) for name in found]
@@ -53,12 +55,13 @@ def _expand_local(spec: str, original: str) -> list[str]:
 def expand_shards(specs: Sequence[str]) -> list[str]:
     """Turn user shard specs into a flat list of shard URLs.
 
-    Accepts local shard files, directories (their ``*.tar``, ``*.tar.gz``, ``*.tgz`` files sorted
-    by name, not recursive), brace patterns such as ``data-{000000..000009}.tar`` and ``pipe:CMD``
-    URLs. Brace patterns are expanded inside ``pipe:`` URLs too (as WebDataset does), so
-    ``pipe:curl -s https://host/data-{0..9}.tar`` gives ten commands; the commands themselves
-    are not checked here. Duplicates are dropped (first occurrence wins) so a shard is never
-    marked or counted twice.
+    Accepts local shard files, directories (their shards by :data:`SHARD_SUFFIXES`: ``.tar``,
+    compressed or not, i.e. ``.tar.gz``/``.tgz``, ``.tar.xz``/``.txz``,
+    ``.tar.bz2``/``.tbz2``/``.tbz``; sorted by name, not recursive), brace patterns such as
+    ``data-{000000..000009}.tar`` and ``pipe:CMD`` URLs. Brace patterns are expanded inside
+    ``pipe:`` URLs too (as WebDataset does), so ``pipe:curl -s https://host/data-{0..9}.tar``
+    gives ten commands; the commands themselves are not checked here. Duplicates are dropped
+    (first occurrence wins) so a shard is never marked or counted twice.
     """
     if isinstance(specs, str):
         specs = [specs]
@@ -97,13 +100,46 @@ def shard_name(url: str) -> str:
         if not _is_shard_file(name) or name in SHARD_SUFFIXES:
             raise InputError(
                 f"cannot tell the shard name from {url!r}: its last word should be the shard's "
-                "path or URL ending in .tar, .tar.gz or .tgz"
+                f"path or URL ending in {', '.join(SHARD_SUFFIXES)}"
             )
         return name
     name = os.path.basename(url.rstrip("/"))
     if not name:
         raise InputError(f"cannot tell the shard name from {url!r}")
     return name
+
+
+def pipe_input_paths(url: str) -> list[str]:
+    """Local files a ``pipe:`` command reads, as far as its words show: every argument after
+    the program that names an existing file (``pipe:cat in/data.tar`` → ``in/data.tar``;
+    ``<FILE`` and ``file://FILE`` are understood too).
+
+    Used to refuse an ``--out`` that would write over an input whatever the URL form; a command
+    that hides its input (a script, a variable) cannot be seen through, and is not needed to be:
+    output shards are only ever written into ``--out``.
+    """
+    try:
+        words = shlex.split(url[len("pipe:") :])
+    except ValueError:
+        return []
+    found = []
+    for word in words[1:]:
+        for prefix in ("<", "file://"):
+            word = word.removeprefix(prefix)
+        path = os.path.expanduser(word)
+        if word and os.path.isfile(path):
+            found.append(path)
+    return found
+
+
+#: Environment variables a ``pipe:`` command never sees: it is the user's command, but the
+#: passphrase is for radmark only (issue #12).
+SCRUBBED_ENV: tuple[str, ...] = ("RADMARK_PASSPHRASE",)
+
+
+def pipe_env() -> dict[str, str]:
+    """The environment of a ``pipe:`` command: ours without :data:`SCRUBBED_ENV`."""
+    return {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
 
 
 def _stderr_tail(f: IO[bytes]) -> str:
@@ -131,7 +167,12 @@ def _iter_pipe(url: str) -> Iterator[Sample]:
     cmd = url[len("pipe:") :]
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err
+            cmd,
+            shell=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=pipe_env(),
         )
         assert proc.stdout is not None
         finished = False

@@ -2,24 +2,40 @@
 
 The same samples always give byte-identical files (fixed owner, mode, mtime, ustar format), so
 their hashes can be recorded and checked later; a shard is written to a temp name, fsynced and
-renamed, so a crash never leaves a half-written shard under its final name."""
+renamed, so a crash never leaves a half-written shard under its final name.
+
+A shard keeps the compression its name says (``.tar.gz``/``.tgz``: gzip, ``.tar.xz``/``.txz``:
+xz, ``.tar.bz2``/``.tbz2``/``.tbz``: bzip2; ``data/samples.py``), so output shard i has input
+shard i's name and format. Compressed output is reproducible too: gzip with level 6, mtime 0, no
+file name and OS byte 255; xz with preset 6 and a CRC64 check; bzip2 with level 9 — the same
+bytes for the same samples with the same compression library (zlib, liblzma, libbz2 versions can
+differ in their output; a resumed run compares its own output's hash, never another machine's)."""
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
 import io
+import lzma
 import os
 import secrets
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from radmark.data.images import encode_png
-from radmark.data.samples import Sample, unsafe_name
+from radmark.data.samples import Sample, compression_of, unsafe_name
+
+#: Compressor settings: fixed, so the same samples give the same bytes (module docstring).
+GZIP_LEVEL = 6
+XZ_PRESET = 6
+BZ2_LEVEL = 9
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,22 @@ class _HashingWriter:
 
     def flush(self) -> None:
         pass
+
+
+def _compressor(compression: str | None, sink: _HashingWriter) -> Any:
+    """A write-only stream that compresses into ``sink`` (or ``sink`` itself for a plain tar)."""
+    if compression == "gz":
+        return gzip.GzipFile(
+            filename="", mode="wb", compresslevel=GZIP_LEVEL, fileobj=sink, mtime=0
+        )
+    if compression == "xz":
+        raw: Any = sink  # a file-like sink; the stubs want IO[bytes]
+        return lzma.LZMAFile(
+            raw, mode="wb", format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET
+        )
+    if compression == "bz2":
+        return bz2.BZ2File(sink, mode="wb", compresslevel=BZ2_LEVEL)
+    return sink
 
 
 def _check_sample_for_write(sample: Sample) -> None:
@@ -97,7 +129,9 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> ShardWriteResult:
     """Write samples to a reproducible tar shard at ``path``, atomically.
 
     Members are named ``KEY.EXT`` with fixed owner, mode and mtime and the ustar format (GNU only
-    for names ustar cannot hold), so the same samples always give the same bytes. The data goes to
+    for names ustar cannot hold), so the same samples always give the same bytes; the tar is
+    compressed as ``path``'s name says (module docstring). Names that are not valid UTF-8 keep
+    their bytes (surrogate escapes, as they were read). The data goes to
     a hidden temp file in the same directory which is fsynced and renamed over ``path``; on any
     error (including one raised by ``samples``) the temp file is removed and ``path`` is untouched.
     """
@@ -109,11 +143,13 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> ShardWriteResult:
     seen: set[str] = set()
     try:
         sink = _HashingWriter(fd)
+        stream = _compressor(compression_of(path.name), sink)
         tf = tarfile.TarFile(
-            fileobj=sink,  # type: ignore[arg-type]  # write/tell/flush is all tarfile needs
+            fileobj=stream,  # write/tell/flush is all tarfile needs
             mode="w",
             format=tarfile.USTAR_FORMAT,
             encoding="utf-8",
+            errors="surrogateescape",
         )
         for sample in samples:
             _check_sample_for_write(sample)
@@ -123,7 +159,7 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> ShardWriteResult:
             for ext, data in sample.members:
                 info = _tarinfo(f"{sample.key}.{ext}", len(data))
                 try:
-                    info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+                    info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
                     tf.format = tarfile.USTAR_FORMAT
                 except ValueError:
                     tf.format = tarfile.GNU_FORMAT  # name too long for ustar
@@ -131,6 +167,8 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> ShardWriteResult:
             count += 1
         tf.format = tarfile.USTAR_FORMAT
         tf.close()
+        if stream is not sink:
+            stream.close()  # the compressor's trailer; the sink's fd stays open
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -162,11 +200,13 @@ def write_dataset(
     prefix: str = "data",
     samples_per_shard: int = 1000,
     extra: Callable[[int], dict[str, bytes]] | None = None,
+    suffix: str = ".tar",
 ) -> list[Path]:
-    """Write arrays as WebDataset shards ``{prefix}-{j:06d}.tar`` (PNG image + ASCII label).
+    """Write arrays as WebDataset shards ``{prefix}-{j:06d}{suffix}`` (PNG image + ASCII label).
 
     This is how tests and benchmarks make datasets, so it goes through :func:`write_shard` and is
-    reproducible too. ``extra(i)`` adds members to sample ``i``.
+    reproducible too. ``extra(i)`` adds members to sample ``i``; ``suffix`` (``.tar.gz``, ...)
+    picks the compression.
     """
     arr = np.asarray(images)
     if arr.dtype != np.uint8:
@@ -201,7 +241,7 @@ def write_dataset(
     for j, start in enumerate(range(0, n, samples_per_shard)):
         stop = min(n, start + samples_per_shard)
         result = write_shard(
-            outdir / f"{prefix}-{j:06d}.tar", (make(i) for i in range(start, stop))
+            outdir / f"{prefix}-{j:06d}{suffix}", (make(i) for i in range(start, stop))
         )
         paths.append(result.path)
     return paths

@@ -19,7 +19,8 @@ def uniform_index(seed: bytes, prefix: str, m: int) -> int:
     limit = (1 << 64) - ((1 << 64) % m)
     counter = 0
     while True:
-        digest = hmac.new(seed, f"{prefix}{counter}".encode(), hashlib.sha256).digest()
+        msg = f"{prefix}{counter}".encode("utf-8", "surrogateescape")  # names that are not UTF-8
+        digest = hmac.new(seed, msg, hashlib.sha256).digest()
         v = int.from_bytes(digest[:8], "big")
         if v < limit:
             return v % m

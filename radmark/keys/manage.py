@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from radmark.canonical import address, canonical_json
-from radmark.errors import InputError
-from radmark.fsutil import atomic_write_bytes
+from radmark.fsutil import atomic_write_bytes, check_new_target
 from radmark.keys.keypair import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey
 from radmark.keys.records import MARK_RECORD_TYPE
 from radmark.keys.sealing import SCRYPT_N, PassphraseFn, keyfile_bytes, load_keyfile, seal_secret
@@ -35,17 +34,21 @@ def generate_key(
     passphrase: str | None,
     out_file: Path | None = None,
     scrypt_n: int = SCRYPT_N,
+    force: bool = False,
 ) -> KeygenResult:
-    """Make a fresh secret, sign its public record, store both; optionally a portable key file."""
-    if out_file is not None and os.path.lexists(out_file):
-        raise InputError(f"{out_file} exists; refusing to overwrite a key file")
+    """Make a fresh secret, sign its public record, store both; optionally a portable key file.
+
+    An existing ``out_file`` is refused unless ``force`` (it is usually another key's only copy).
+    """
+    if out_file is not None:
+        check_new_target(out_file, force=force, what="--out")
     store = Keystore.open(keystore, create=True)
     key = SecretKey.generate()
     record = key.public_record()
     path = store.add_key(key, record, passphrase, scrypt_n=scrypt_n)
     if out_file is not None:
         doc = seal_secret(key, record.fingerprint, passphrase, scrypt_n=scrypt_n)
-        atomic_write_bytes(out_file, keyfile_bytes(record, doc), 0o600)
+        atomic_write_bytes(out_file, keyfile_bytes(record, doc), 0o600, overwrite=force)
     return KeygenResult(
         address(record.fingerprint), path, Path(keystore), bool(passphrase), out_file
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,45 @@ def default_keystore() -> Path:
     return Path(os.environ.get("RADMARK_KEYSTORE", "keys"))
 
 
+# ---------------------------------------------------------------- directories
+
+
+def _check_dir(path: Path, *, private: bool) -> None:
+    """A keystore directory: a real directory (never a symlink), not writable by others, and for
+    the root, ``secrets/`` and ``kits/`` not readable by others either (issue #12).
+
+    A directory others can write lets them plant or swap objects and secrets; one they can read
+    lists which keys and records exist. The message says which ``chmod`` to run, as for files.
+    """
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        raise KeystoreError(f"keystore {path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise KeystoreError(f"keystore {path} is a symbolic link; refusing to follow it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise IntegrityError(f"keystore {path}: expected a directory")
+    bad = st.st_mode & (0o077 if private else 0o022)
+    if bad:
+        fix = "700" if private else "go-w"
+        raise KeystoreError(
+            f"permissions {oct(st.st_mode & 0o777)} for keystore directory {path} are too open "
+            f"({'readable or writable' if private else 'writable'} by others); run: chmod {fix} "
+            f"{path}"
+        )
+
+
+def _files(directory: Path, *, private: bool) -> list[Path]:
+    """The files of ``directory/<xx>/``, each ``<xx>`` checked like the directory above it."""
+    out: list[Path] = []
+    for sub in sorted(directory.iterdir()):
+        if sub.name.startswith("."):
+            continue  # a temp file or directory from an interrupted write
+        _check_dir(sub, private=private)
+        out.extend(sorted(sub.iterdir()))
+    return out
+
+
 # ---------------------------------------------------------------- records
 
 
@@ -90,10 +130,10 @@ class Keystore:
             root.mkdir(parents=True, mode=0o700)
         elif not root.is_dir():
             raise KeystoreError(f"keystore {root} is not a directory")
-        for sub in ("objects", "secrets", "kits"):
-            p = root / sub
-            if p.is_symlink():
-                raise KeystoreError(f"keystore {p} is a symbolic link; refusing to follow it")
+        _check_dir(root, private=True)
+        for sub, private in (("objects", False), ("secrets", True), ("kits", True)):
+            if os.path.lexists(root / sub):
+                _check_dir(root / sub, private=private)
         store = cls(root=root, objects={}, secrets={})
         store._check_all()
         return store
@@ -108,7 +148,7 @@ class Keystore:
         raw: dict[str, dict[str, Any]] = {}
         objdir = self.root / "objects"
         if objdir.is_dir():
-            for path in sorted(objdir.glob("*/*")):
+            for path in _files(objdir, private=False):
                 if path.name.startswith("."):
                     continue  # a temp file from an interrupted write
                 hexd = path.name.removesuffix(".json")
@@ -156,7 +196,7 @@ class Keystore:
                 self.secrets[parts[0]] = path
         kitdir = self.root / "kits"
         if kitdir.is_dir():  # names and permissions now; kits are large, hashed when loaded
-            for path in sorted(kitdir.glob("*/*")):
+            for path in _files(kitdir, private=True):
                 if path.name.startswith("."):
                     continue
                 hexd = path.name.removesuffix(".safetensors")
@@ -171,7 +211,8 @@ class Keystore:
         hexd = sha256_hex(data)
         path = self._object_path(hexd)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            for d in (path.parent.parent, path.parent):  # 0755 whatever the umask (_check_dir)
+                d.mkdir(mode=0o755, exist_ok=True)
             atomic_write_bytes(path, data, 0o644)
         self.objects[hexd] = json.loads(data)
         return hexd

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from radmark.canonical import address
-from radmark.errors import InputError, IntegrityError, KeystoreError, UsageError
+from radmark.errors import InputError, IntegrityError, KeystoreError, UsageError, check_count
 from radmark.keys.carriers import carriers_digest, derive_carriers
 from radmark.keys.draws import uniform_index
 from radmark.keys.keypair import SecretKey
@@ -202,6 +202,7 @@ def build_kit(
     device: str = "cpu",
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    force: bool = False,
 ) -> KitBuildResult:
     """Mark the kit images once per slot and store kit + signed kit record in ``store``.
 
@@ -218,10 +219,22 @@ def build_kit(
         raise UsageError("--decoys must be at least 1")
     if per_class < 1:
         raise UsageError("--per-class must be at least 1")
+    check_count("--batch-size", batch_size)
     if not probe:
         raise UsageError("pass --probe SHARDS: clean labelled held-out images, never marked")
     if not key.matches(record.key):
         raise KeystoreError(f"the key given is not the key of mark record {record.short}")
+    if kit_records(store, record) and not force:
+        raise UsageError(
+            f"mark record {record.short} has a verification kit already; kits are built once per "
+            "record (verification uses the first one), pass --force to build another anyway"
+        )
+    planned = (record.plan or {}).get("kit")
+    if planned and (planned.get("decoys"), planned.get("per_class")) != (decoys, per_class):
+        raise UsageError(
+            f"mark record {record.short} planned a kit of {planned.get('decoys')} decoys and "
+            f"{planned.get('per_class')} images per class; build that one (--decoys, --per-class)"
+        )
     if record.method != "radioactive":
         raise UsageError(
             f"mark record {record.short} was made with the {record.method!r} method; decoy "
@@ -318,12 +331,14 @@ def kit_records(store: Keystore, record: MarkRecord) -> list[KitRecord]:
             and k.key_fingerprint == record.fingerprint]  # fmt: skip
 
 
-def newest_kit(store: Keystore, record: MarkRecord) -> KitRecord:
-    """The newest kit record of ``record``, or a one-line error saying how to build one."""
+def first_kit(store: Keystore, record: MarkRecord) -> KitRecord:
+    """The record's first kit (the one verification uses), or a one-line error saying how to
+    build one. Kits are built once per record (issue #17): a kit rebuilt with other decoys
+    redraws nothing the verdict depends on, because verification never looks past the first."""
     kits = kit_records(store, record)
     if not kits:
         raise KeystoreError(
             f"no verification kit for mark record {record.short} in keystore {store.root}: "
             f"run `radmark kit build {record.short} --probe SHARDS`"
         )
-    return max(kits, key=lambda k: (k.created, k.address))
+    return min(kits, key=lambda k: (k.created, k.address))

@@ -29,10 +29,14 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from radmark.canonical import address
+from radmark.data.samples import printable
+from radmark.data.sources import pipe_input_paths
 from radmark.data.writer import sha256_file
-from radmark.errors import InputError
+from radmark.errors import InputError, RadmarkError
 from radmark.fsutil import atomic_write_bytes
 from radmark.keys.sealing import check_private
+from radmark.keys.store import Keystore
 
 LOCK = ".radmark.lock"
 #: What radmark before issue #12 wrote into --out; it lists the marked samples.
@@ -121,22 +125,40 @@ def make_dir(out_dir: Path) -> None:
 
 
 def check_not_inputs(out_dir: Path, urls: list[str], names: list[str]) -> None:
-    """Refuse an --out where an output shard would replace its own input."""
+    """Refuse an --out that holds any input shard's file, whatever the URL form (issue #12).
+
+    Inputs are never modified: an output shard must not replace its own input, nor any other
+    input (``mark 'pipe:cat in/data.tar' --out in`` would write ``in/data.tar``). A local shard,
+    and every file a ``pipe:`` command names (:func:`~radmark.data.sources.pipe_input_paths`),
+    must not lie in --out itself, and no output shard may be the same file as an input (a hard
+    link under another directory).
+    """
     if not out_dir.is_dir():
         return
-    for url, name in zip(urls, names, strict=True):
-        if url.startswith("pipe:"):
-            continue
-        target = out_dir / name
-        try:
-            same = target.exists() and os.path.samefile(target, url)
-        except OSError:
-            same = False  # the input's own problem is reported when it is read
-        if same:
+    out_real = os.path.realpath(out_dir)
+    inputs: list[tuple[str, str]] = []  # (input file, the URL that reads it)
+    for url in urls:
+        files = pipe_input_paths(url) if url.startswith("pipe:") else [url]
+        inputs.extend((f, url) for f in files)
+    for path, url in inputs:
+        if os.path.dirname(os.path.realpath(path)) == out_real:
+            via = f" (read by {url!r})" if url != path else ""
             raise InputError(
-                f"--out {out_dir} would overwrite the input shard {url}; inputs are never "
-                "modified, so choose another --out"
+                f"--out {out_dir} would overwrite the input shard {path}{via}, which lies in "
+                "it; inputs are never modified, so choose another --out"
             )
+    for name in names:
+        target = out_dir / name
+        for path, _url in inputs:
+            try:
+                same = target.exists() and os.path.samefile(target, path)
+            except OSError:
+                same = False  # the input's own problem is reported when it is read
+            if same:
+                raise InputError(
+                    f"--out {out_dir} would overwrite the input shard {path} ({target} is the "
+                    "same file); inputs are never modified, so choose another --out"
+                )
 
 
 def rank_lock(rank: int) -> str:
@@ -200,14 +222,14 @@ def _write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def load_state(
-    run: RunDir, out_dir: Path, cfg: dict[str, Any], resume: bool
+    run: RunDir, out_dir: Path, cfg: dict[str, Any], resume: bool, force: bool = False
 ) -> dict[str, dict[str, Any]]:
     """Shards finished by earlier runs: the state plus any torchrun ranks' partial files.
 
     An earlier run that finished no shard leaves nothing to protect, so it does not need
     --resume (and its settings need not match): a run that failed on its first shard can simply
     be started again with fixed inputs. Output shards that no state accounts for are never
-    overwritten, --resume or not.
+    overwritten, --resume or not, unless ``force``.
     """
     if (out_dir / LEGACY_MANIFEST).exists():
         raise InputError(
@@ -226,10 +248,11 @@ def load_state(
         done.update(entries)
     if not done:
         existing = [n for n in _listdir(out_dir) if n in cfg["shards"]]
-        if existing:
+        if existing and not force:
             raise InputError(
                 f"{out_dir} already holds {existing[0]}, which no run of this key in keystore "
-                f"{run.path.parent.parent} wrote; use another --out"
+                f"{run.path.parent.parent} wrote; use another --out, or pass --force to replace "
+                "such files"
             )
         return {}
     if not resume:
@@ -348,6 +371,42 @@ def remove_stale_temps(out_dir: Path, names: list[str], run: RunDir) -> None:
                 m.group("base") in ours or _PARTIAL_RE.fullmatch(m.group("base"))
             ):
                 _unlink(directory / fname)
+
+
+def discard_empty(run: RunDir) -> None:
+    """Remove the state of a run that finished no shard (it protects nothing)."""
+    if run.state.is_file() and not (_read_json(run.state, "run state").get("shards") or {}):
+        _unlink(run.state)
+        with contextlib.suppress(OSError):
+            run.path.rmdir()  # only when empty
+        with contextlib.suppress(OSError):
+            run.path.parent.rmdir()
+
+
+def recorded_record(run: RunDir) -> str | None:
+    """The mark record the run state names (an earlier run of this --out that finished), or None."""
+    if not run.state.is_file():
+        return None
+    rec = _read_json(run.state, "run state").get("record")
+    return rec if isinstance(rec, str) else None
+
+
+def finished_record(
+    addr: str | None, store: Keystore, fp: str, reports: list[ShardReport]
+) -> str | None:
+    """``addr`` if that record is in ``store``, by key ``fp``, for exactly these output shards;
+    else None. A finished run resumed is then a no-op: signing again would only add a newer
+    record for the same shards, one without the earlier run's kit (issue #12)."""
+    if addr is None:
+        return None
+    try:
+        rec = store.mark_record(addr)
+    except RadmarkError:
+        return None
+    same = [(s.name, s.output_sha256) for s in rec.shards] == [
+        (printable(r.name), r.output_sha256) for r in reports
+    ]
+    return address(rec.address) if rec.fingerprint == fp and same else None
 
 
 def still_valid(path: Path, url: str, prev: dict[str, Any]) -> bool:

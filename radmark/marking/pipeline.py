@@ -42,13 +42,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from radmark.data.images import ImageInfo, encode_like, parse_label, read_image
-from radmark.data.samples import Sample
+from radmark.data.samples import Sample, name_bytes, printable
 from radmark.data.sources import iter_samples
 from radmark.data.writer import sha256_file, write_shard
 from radmark.errors import InputError, ModelError, ShardError
 from radmark.keys.keypair import pixel_digest, selection_digest
 from radmark.marking.manifest import ShardReport
 from radmark.marking.selection import is_selected
+from radmark.marking.views import MIN_MARK_SIDE
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +111,7 @@ class ShardJob:
 
 def shard_seed(fp: str, name: str) -> int:
     """The augmentation seed of one shard: from the key and the shard's name only."""
-    digest = hashlib.sha256(f"radmark/v1/augment|{fp}|{name}".encode()).digest()
+    digest = hashlib.sha256(name_bytes(f"radmark/v1/augment|{fp}|{name}")).digest()
     return int.from_bytes(digest[:8], "big") >> 1
 
 
@@ -187,6 +188,11 @@ class _ShardMarker:
                 self.skip_reasons[sample.key] = exc.reason
             return item
         item.ext, item.info = ext, info
+        if min(pixels.shape[:2]) < MIN_MARK_SIDE:  # too small to mark: copied as it is, counted
+            self.skipped += 1
+            if len(self.skip_reasons) < MAX_SKIP_REASONS:
+                self.skip_reasons[sample.key] = f"smaller than {MIN_MARK_SIDE} px on a side"
+            return item
         item.selected = is_selected(job.selection_seed, sample.key, job.fraction)
         if item.selected or job.reencode_all:
             item.pixels = pixels
@@ -385,7 +391,9 @@ def mark_shard(
         psnr_min=float(np.min(finite)) if finite else None,
         linf_max=sm.linf_max,
         feature_cos_mean=float(np.mean(cos_finite)) if cos_finite else None,
-        marked_keys_sha256=selection_digest(job.digest_key, written.sha256, name, sm.marked_keys),
+        marked_keys_sha256=selection_digest(
+            job.digest_key, written.sha256, printable(name), [printable(k) for k in sm.marked_keys]
+        ),
         unchanged=sm.unchanged,
         reencoded=len(sm.kept),
         lossy_mark_kept=float(np.mean(sm.kept)) if sm.kept else None,

@@ -27,22 +27,23 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from radmark.canonical import address
+from radmark.data.samples import printable
 from radmark.data.sources import expand_shards, shard_name
-from radmark.errors import InputError, UsageError
+from radmark.errors import InputError
 from radmark.keys.records import MarkerRef, ShardRef, mark_record_body
 from radmark.keys.store import Keystore
 from radmark.marking import manifest as mf
 from radmark.marking.distributed import ProcessGroup
 from radmark.marking.manifest import ShardReport
+from radmark.marking.options import MarkOptions, check_options
 from radmark.marking.pipeline import (
-    MAX_BATCH_PIXELS,
     ShardJob,
     fault_point,
     first_images,
@@ -54,32 +55,6 @@ from radmark.marking.selection import SELECTION_RULE
 if TYPE_CHECKING:
     from radmark.keys.keypair import PublicKeyRecord, SecretKey
     from radmark.marking.kit import KitBuildResult
-
-
-@dataclass(frozen=True)
-class KitRequest:
-    """Build the black-box verification kit right after marking (``--kit-probe``)."""
-
-    probe: Sequence[str]
-    decoys: int = 39
-    per_class: int = 10
-
-
-@dataclass(frozen=True)
-class MarkOptions:
-    fraction: float = 0.1
-    method: str = "radioactive"
-    preset: str = "default"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    num_classes: int | None = None  # default: the marker's number of classes
-    label_field: str = "cls"
-    batch_size: int = 64
-    device: str = "cpu"
-    resume: bool = False
-    on_error: str = "fail"  # "fail" | "skip" (copy the sample unmarked, count it)
-    kit: KitRequest | None = None
-    reencode_all: bool = False  # re-encode unmarked images too: encodings reveal nothing
-    max_batch_pixels: int = MAX_BATCH_PIXELS  # decoded pixels marked together (and per image)
 
 
 @dataclass(frozen=True)
@@ -124,21 +99,6 @@ class Progress:
     psnr_mean: float | None
 
 
-def _check_options(options: MarkOptions) -> None:
-    if not 0.0 < options.fraction <= 1.0:
-        raise UsageError(f"--fraction must be in (0, 1], got {options.fraction}")
-    if options.on_error not in ("fail", "skip"):
-        raise UsageError("--on-error must be 'fail' or 'skip'")
-    if options.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.max_batch_pixels < 1:
-        raise UsageError(f"--max-batch-pixels must be at least 1, got {options.max_batch_pixels}")
-    if options.kit is not None:  # checked before hours of marking, not after
-        if options.kit.decoys < 1 or options.kit.per_class < 1:
-            raise UsageError("--kit-decoys and --kit-per-class must be at least 1")
-        expand_shards(options.kit.probe)
-
-
 def mark_shards(
     specs: Sequence[str],
     *,
@@ -160,7 +120,7 @@ def mark_shards(
     shards (with the same ``record``). Augmentation seeds derive from (key, shard name), so a
     shard's bytes do not depend on which rank, or how many ranks, marked it.
     """
-    _check_options(options)
+    check_options(options)
     group = ProcessGroup(options.device)
     try:
         return _mark_shards(
@@ -250,7 +210,8 @@ def _mark_shards(
             mf.make_dir(out_dir)
             stack.enter_context(mf.lock(out_dir, mf.LOCK if rank == 0 else mf.rank_lock(rank)))
             state.make()
-            done = mf.load_state(state, out_dir, cfg, options.resume)
+            done = mf.load_state(state, out_dir, cfg, options.resume, options.force)
+            earlier_record = mf.recorded_record(state) if done else None
         except Exception as exc:
             err = exc
         group.agree(err)
@@ -322,6 +283,8 @@ def _mark_shards(
                 report_progress(name, k + 1)
         except Exception as exc:
             err = exc
+            if rank == 0 and world == 1 and not done and not mine:
+                mf.discard_empty(state)  # a run that finished nothing leaves nothing behind
         group.agree(err)
         # Phase 4: rank 0 merges every rank's shards, writes the record and the final state.
         err = None
@@ -344,6 +307,10 @@ def _mark_shards(
                     mine_reports.get(n) or mf.report_from_entry(merged[n], resumed=n not in fresh)
                     for n in names
                 ]
+                # A finished run resumed is a no-op: the record it signed stands (issue #12).
+                record_addr = (
+                    None if fresh else mf.finished_record(earlier_record, store, fp, all_reports)
+                )
                 fields = run.record_fields([a for n in names for a in merged[n].get("private", [])])
                 body = mark_record_body(
                     key_fingerprint=fp,
@@ -369,7 +336,7 @@ def _mark_shards(
                     },
                     shards=[
                         ShardRef(
-                            r.name,
+                            printable(r.name),
                             r.input_sha256,
                             r.output_sha256,
                             r.samples,
@@ -380,9 +347,11 @@ def _mark_shards(
                     ],
                     carriers=fields.get("carriers"),
                     method_data=fields.get("method_data"),
+                    plan=options.plan,
                 )
                 try:
-                    record_addr = address(store.put(key.sign(body)))
+                    if record_addr is None:
+                        record_addr = address(store.put(key.sign(body)))
                 except OSError as exc:
                     raise InputError(
                         f"cannot write the mark record into the keystore {keystore}: "

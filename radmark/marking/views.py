@@ -13,6 +13,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+#: Images with a side below this many pixels are never marked: a random resized crop of a few
+#: pixels is no augmentation at all, and small CNN markers cannot take them (smallcnn pools
+#: three times: 8 px is its minimum). Such a sample is copied byte-identical, whether or not
+#: the secret draw selected it, and counted as skipped (issue #12: they were a crash).
+MIN_MARK_SIDE = 8
+
 #: Aspect-ratio range (width / height of the crop) of the random resized crop, log-uniform. Close
 #: to 1, like torchvision's RandomResizedCrop default, which suspects are likely to train with.
 _ASPECT_RANGE: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from radmark.errors import ModelError, UsageError
+from radmark.fsutil import place_file
 from radmark.models.heads import resolve_head
 from radmark.models.loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, finalise
 from radmark.models.registry import build_model, first_conv, get_arch
@@ -208,11 +209,13 @@ def save_model(
     mean: Iterable[float] = IMAGENET_MEAN,
     std: Iterable[float] = IMAGENET_STD,
     extra: dict[str, str] | None = None,
+    overwrite: bool = True,
 ) -> str:
     """Write ``model`` as safetensors with the metadata :func:`load_model` needs; return SHA-256.
 
     The file is written to a temporary name and renamed into place, so a crash never leaves a
-    truncated model that later loads as something else. The state dict is checked against
+    truncated model that later loads as something else; ``overwrite=False`` refuses an existing
+    ``path`` (``marker train`` without ``--force``). The state dict is checked against
     ``arch`` first, so a file that claims an architecture always loads as it.
     """
     from safetensors.torch import save
@@ -262,7 +265,7 @@ def save_model(
             fh.flush()
             os.fsync(fh.fileno())
         digest = hashlib.sha256(data).hexdigest()
-        os.replace(tmp, path)
+        place_file(Path(tmp), path, overwrite=overwrite)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from radmark.errors import UsageError
+from radmark.errors import ModelError, UsageError
 from radmark.models.heads import Head
 from radmark.models.markers import marker_identity
 
@@ -43,6 +43,8 @@ class LoadedModel:
     std: tuple[float, ...]
     metadata: dict[str, str] = field(default_factory=dict)
     in_chans: int = 3
+    # Image sizes (H, W) a forward pass is known to accept (see check_input_size).
+    _sizes_ok: set[tuple[int, int]] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def identity(self) -> str:
@@ -70,11 +72,37 @@ class LoadedModel:
                     f"images have {channels} channels but {self.name} takes {self.in_chans}; "
                     "convert the images first"
                 )
+        self.check_input_size(int(x.shape[2]), int(x.shape[3]))
         device = self.device
         x = x.to(device=device, dtype=torch.float32)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+    def check_input_size(self, height: int, width: int) -> None:
+        """Refuse images too small for the network's layers, once per size, before real work.
+
+        A CNN's pooling stages need a minimum input size (smallcnn: 8×8); below it torch raises a
+        RuntimeError deep in the forward pass, which is the user's input, not a bug: exit 2 with
+        a line that says so (issue #12). One zero image is run through the model per new size.
+        """
+        if (height, width) in self._sizes_ok:
+            return
+        if height < 1 or width < 1:
+            raise ModelError(f"model {self.source} cannot take empty {width}x{height} images")
+        probe = torch.zeros(1, self.in_chans, height, width, device=self.device)
+        try:
+            with torch.no_grad():
+                self.model(probe)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:160]
+            raise ModelError(
+                f"model {self.source} ({self.arch}) cannot take {width}x{height} images: they "
+                f"are too small for its layers ({detail}); use larger images or another model"
+            ) from None
+        self._sizes_ok.add((height, width))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features [B, d] float32 of images ``x`` in [0, 1] (1 or 3 channels).

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from radmark.data.arrays import load_labelled_images
-from radmark.errors import UsageError
+from radmark.errors import ModelError, UsageError, check_count, check_positive
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,27 @@ def train_classifier(
 
     from radmark.models.registry import build_model
 
-    if epochs < 1:
-        raise UsageError("epochs must be >= 1")
+    check_count("--epochs", epochs)
+    check_count("--batch-size", batch_size)
+    check_positive("--lr", lr)
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise UsageError(f"weight decay must be a finite number >= 0, got {weight_decay}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n, c, h, w = images.shape
     if small_stem is None:
         small_stem = arch.startswith("resnet") and max(h, w) <= 64
     model = build_model(arch, num_classes, small_stem=small_stem, in_chans=c).to(device)
+    try:  # images too small for the architecture's pooling: the user's input, exit 2 (#12)
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, c, h, w, device=device))
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        raise ModelError(
+            f"{arch} cannot take {w}x{h} images: they are too small for its layers "
+            f"({' '.join(str(exc).split())[:160]}); use larger images or another --arch"
+        ) from None
     x_all = torch.from_numpy(images).float().div_(255.0)
     mean = x_all.mean(dim=(0, 2, 3))
     std = x_all.std(dim=(0, 2, 3)).clamp_min(1e-3)
@@ -130,10 +143,25 @@ def train_marker(
     num_classes: int | None = None,
     limit: int | None = None,
     progress: Callable[[int, float], None] | None = None,
+    force: bool = False,
 ) -> TrainResult:
-    """Train a marking network on the user's own shards and save it as safetensors."""
-    from radmark.models.files import save_model
+    """Train a marking network on the user's own shards and save it as safetensors.
 
+    Every option is checked, and ``out`` too, before any image is read: an existing ``out`` is
+    refused unless ``force`` (mark records bind a marker by its hash, so replacing one silently
+    would orphan them).
+    """
+    from radmark.fsutil import check_new_target
+    from radmark.models.files import save_model
+    from radmark.models.registry import get_arch
+
+    check_count("--epochs", epochs)
+    check_count("--batch-size", batch_size)
+    check_positive("--lr", lr)
+    check_count("--limit", limit)
+    check_count("--num-classes", num_classes)
+    get_arch(arch)  # a UsageError naming the known architectures
+    check_new_target(Path(out), force=force, what="--out")
     t0 = time.perf_counter()
     data = load_labelled_images(
         specs, label_field=label_field, num_classes=num_classes, limit=limit
@@ -160,5 +188,6 @@ def train_marker(
         mean=mean,
         std=std,
         extra={"radmark.trained_by": "radmark marker train"},
+        overwrite=force,
     )
     return TrainResult(Path(out), sha, arch, k, len(data), epochs, acc, time.perf_counter() - t0)

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from radmark.data.samples import printable
+
 if TYPE_CHECKING:
     from radmark.keys.manage import KeygenResult, ShownObject
     from radmark.keys.store import Entry
@@ -85,7 +87,7 @@ def mark(res: MarkResult) -> None:
         table.add_column(col, overflow="fold")
     for r in res.shards:
         table.add_row(
-            r.name,
+            printable(r.name),
             str(r.samples),
             str(r.marked),
             str(r.skipped),
@@ -141,16 +143,16 @@ def verify(res: VerifyResult) -> None:
         else "[bold green]no mark detected[/bold green]"
     )
     head = Table.grid(padding=(0, 2))
-    head.add_row("model", f"{res.model} ({res.arch})")
-    head.add_row("model sha256", res.model_sha256)
+    for m in res.models or []:
+        head.add_row("model", f"{m.model} ({m.arch})")
+        head.add_row("model sha256", m.sha256)
     head.add_row("probe images", str(res.probe_size))
-    head.add_row(
-        "alpha", f"{res.alpha:g}" + (" (Holm-corrected over keys)" if res.correction else "")
-    )
+    head.add_row("alpha", f"{res.alpha:g}" + (f" ({res.correction})" if res.correction else ""))
     head.add_row("verdict", verdict)
     o.print(Panel(head, title="radmark verify", expand=False))
     for r in res.results:
-        t = Table(title=f"key {r.fingerprint}", title_justify="left")
+        title = f"key {r.fingerprint}" + (f", model {r.model}" if len(res.models) > 1 else "")
+        t = Table(title=title, title_justify="left")
         t.add_column("test")
         t.add_column("log10 p", justify="right")
         t.add_column("exact")
@@ -166,6 +168,7 @@ def verify(res: VerifyResult) -> None:
             )
         o.print(t)
         info = Table.grid(padding=(0, 2))
+        info.add_row("plan", r.plan.label)
         info.add_row("mark record", r.record)
         info.add_row("method", r.method)
         info.add_row("marker", r.marker)

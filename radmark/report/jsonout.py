@@ -113,8 +113,20 @@ def verify_json(res: VerifyResult) -> dict[str, Any]:
         "correction": res.correction,
         "warnings": res.warnings,
         "seconds": res.seconds,
+        "preregistered": all(not r.exploratory for r in res.results),
+        "models": [
+            {
+                "model": m.model,
+                "model_sha256": m.sha256,
+                "arch": m.arch,
+                "detected": any(r.detected for r in res.results if r.model_sha256 == m.sha256),
+            }
+            for m in res.models
+        ],  # fmt: skip
         "results": [
             {
+                "model": r.model,
+                "model_sha256": r.model_sha256,
                 "fingerprint": r.fingerprint,
                 "record": r.record,
                 "marker": r.marker,
@@ -126,6 +138,12 @@ def verify_json(res: VerifyResult) -> dict[str, Any]:
                 "log10_p_adjusted": r.log10_p_adjusted,
                 "combination": r.combination,
                 "detected": r.detected,
+                "plan": {
+                    "registered": r.plan.registered,
+                    "followed": r.plan.followed,
+                    "deviations": list(r.plan.deviations),
+                },
+                "exploratory": r.exploratory,
                 "cosines": r.cosines,
                 "class_log10_p": r.class_log10_p,
                 "black_box": (

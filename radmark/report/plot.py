@@ -7,6 +7,7 @@ or replace a verdict.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -15,28 +16,30 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from radmark.errors import InputError, UsageError
+from radmark.fsutil import check_new_target, place_file
 
 if TYPE_CHECKING:
     from radmark.verify.run import VerifyResult
 
 
-def check_target(path: Path, *, white_box: bool) -> None:
-    """Refuse an unwritable target or a run without cosines before anything is computed."""
+def check_target(path: Path, *, white_box: bool, force: bool = False) -> None:
+    """Refuse an unwritable or existing target (unless ``force``) or a run without cosines,
+    before anything is computed."""
     if not white_box:
         raise UsageError("--plot shows the white-box cosines: it needs --probe SHARDS")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"--plot {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"--plot {path}: directory {parent} is not writable")
+    check_new_target(path, force=force, what="--plot")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'radmark[plot]'") from None
 
 
-def cosine_plot(res: VerifyResult, path: Path) -> None:
-    """Per-class cosines against the null density of the cosine in R^d, as a PNG."""
+def cosine_plot(res: VerifyResult, path: Path, *, overwrite: bool = False) -> None:
+    """Per-class cosines against the null density of the cosine in R^d, as a PNG.
+
+    Written to a temp file and put in place atomically; an existing ``path`` is kept unless
+    ``overwrite`` (``--force``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,9 +66,15 @@ def cosine_plot(res: VerifyResult, path: Path) -> None:
     ax.set_ylabel("null density")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(path, dpi=120)
+        with open(tmp, "xb") as fh:
+            fig.savefig(fh, dpi=120, format="png")
+        place_file(tmp, path, overwrite=overwrite)
     except OSError as exc:
         raise InputError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
     finally:
         plt.close(fig)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

@@ -171,10 +171,10 @@ class Evidence:
 
     # ------------------------------------------------------------------ black box
     def kit(self, record: MarkRecord) -> tuple[KitRecord, Kit]:
-        """The record's verification kit (the newest, if several), hash-checked."""
-        from radmark.marking.kit import load_kit, newest_kit
+        """The record's verification kit (its first), hash-checked."""
+        from radmark.marking.kit import first_kit, load_kit
 
-        return self._once(("kit", record.address), lambda: load_kit(self.store, newest_kit(
+        return self._once(("kit", record.address), lambda: load_kit(self.store, first_kit(
             self.store, record)))  # fmt: skip
 
     def kit_statistics(self, record: MarkRecord) -> tuple[np.ndarray, np.ndarray]:

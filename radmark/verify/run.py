@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from radmark.canonical import address
-from radmark.errors import KeystoreError, ModelError, UsageError
+from radmark.errors import KeystoreError, ModelError, UsageError, check_count, check_positive
 from radmark.keys.keypair import SecretKey
 from radmark.keys.manage import is_key_file
+from radmark.keys.plan import DEFAULT_ALPHA, Conduct, Plan, PlanStatus, compare, probe_digest
 from radmark.keys.records import MarkRecord
 from radmark.keys.sealing import PassphraseFn, load_keyfile
 from radmark.keys.store import Keystore
@@ -29,7 +31,7 @@ from radmark.verify.black_box import BLACK_BOX
 from radmark.verify.evidence import Evidence, EvidenceSettings, prepare
 from radmark.verify.pullback import PULLBACK
 from radmark.verify.statistics import LN10, holm_adjust
-from radmark.verify.tests import TestResult, combination_rule, combine, score
+from radmark.verify.tests import TestResult, combination_rule, combine, get_test, score
 from radmark.verify.white_box import WHITE_BOX
 
 LOW_POWER_CLASSES = 30
@@ -47,9 +49,17 @@ class KeyResult:
     dim: int
     tests: dict[str, TestResult]
     log_p: float  # the verdict-bearing combination of the exact tests
-    log_p_adjusted: float  # after Holm over every record tested
+    log_p_adjusted: float  # after Holm over every (model, record) pair tested
     detected: bool
     combination: str
+    plan: PlanStatus = field(default_factory=lambda: PlanStatus(registered=False))
+    model: str = ""
+    model_sha256: str = ""
+
+    @property
+    def exploratory(self) -> bool:
+        """True unless the result followed the plan its record signed at marking."""
+        return not self.plan.followed
 
     @property
     def log10_p(self) -> float:
@@ -91,6 +101,13 @@ class KeyResult:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    sha256: str
+    arch: str
+
+
+@dataclass(frozen=True)
 class VerifyResult:
     model: str
     model_sha256: str
@@ -102,6 +119,7 @@ class VerifyResult:
     correction: str | None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    models: list[ModelInfo] = field(default_factory=list)
 
 
 def select_records(
@@ -174,8 +192,32 @@ def score_record(evidence: Evidence, record: MarkRecord, key: SecretKey, names: 
     return score(evidence, record, key, names)
 
 
-def verify_model(
-    model_spec: str,
+def default_plan(method_tests: Sequence[str], *, kit: Mapping[str, int] | None,
+                 probe_sha256: str | None = None, alpha: float = DEFAULT_ALPHA,
+                 tests: Sequence[str] | None = None) -> Plan:  # fmt: skip
+    """The plan ``radmark mark`` signs: the method's exact tests (the kit test only when a kit is
+    built with the marking) or ``tests``, α, and the clean probe set when the owner names one."""
+    names = list(tests) if tests is not None else [
+        t for t in method_tests
+        if get_test(t).exact and ("kit" not in get_test(t).needs or kit is not None)
+    ]  # fmt: skip
+    unknown = [t for t in names if t not in method_tests]
+    if unknown:
+        raise UsageError(f"the plan names tests the method does not have: {', '.join(unknown)}")
+    return Plan(tests=tuple(names), alpha=alpha, probe_sha256=probe_sha256, kit=kit)
+
+
+def _plan_of(rec: MarkRecord) -> Plan | None:
+    return Plan.from_record(rec.plan) if rec.plan is not None else None
+
+
+def verify_model(model_spec: str, **kwargs: Any) -> VerifyResult:
+    """One model against every selected mark record (see :func:`verify_models`)."""
+    return verify_models([model_spec], **kwargs)
+
+
+def verify_models(
+    model_specs: Sequence[str],
     *,
     keystore: Path,
     probe: Sequence[str],
@@ -183,37 +225,48 @@ def verify_model(
     marker_spec: str | None = None,
     arch: str | None = None,
     head: str | None = None,
-    alpha: float = 1e-3,
+    alpha: float | None = None,
     device: str = "cpu",
     probe_limit: int | None = None,
-    center: bool = False,
+    center: bool | None = None,
     batch_size: int = 256,
     passphrase: PassphraseFn = lambda: None,
     pullback: bool = True,
-    pullback_limit: int = 2000,
+    pullback_limit: int | None = None,
     black_box: bool = False,
 ) -> VerifyResult:
-    """Test ``model_spec`` against every selected mark record; see the module docstring.
+    """Test every model against every selected mark record; see the module docstring.
 
-    With ``black_box`` the decoy-rank test runs on each record's verification kit; with
-    ``black_box`` and no ``probe`` it runs alone (the model's outputs are all it uses).
+    Options left at None follow the verification plan the record signed at marking (α, centring,
+    probe and pull-back limits, head); anything that differs from the plan is reported as a
+    deviation and the result as exploratory (``keys/plan.py``). Holm corrects over every
+    (model, record) pair tested. With ``black_box`` the decoy-rank test runs on each record's
+    (first) verification kit; with ``black_box`` and no ``probe`` it runs alone.
     """
-    if not 0.0 < alpha < 1.0:
-        raise UsageError("--alpha must be in (0, 1)")
+    if not model_specs:
+        raise UsageError("name at least one model to verify")
+    check_count("--probe-limit", probe_limit)
+    check_count("--pullback-limit", pullback_limit)
+    check_count("--batch-size", batch_size)
     t0 = time.perf_counter()
     store = Keystore.open(keystore)
     selected = select_records(store, key_ref, passphrase, want_kit=black_box)
+    first = _plan_of(selected[0][0]) or Plan(tests=("none",))
+    alpha = first.alpha if alpha is None else alpha
+    check_positive("--alpha", alpha, below=1.0)
+    center = first.center if center is None else center
+    probe_limit = first.probe_limit if probe_limit is None else probe_limit
+    pullback_limit = first.pullback_limit if pullback_limit is None else pullback_limit
+    head = first.head if head is None else head
     offered = ({"probe"} if probe else set()) | ({"kit"} if black_box else set())
     excluded = set() if pullback else {PULLBACK}
-    plans = {
-        rec.address: planned_tests(rec, offered=offered, excluded=excluded)
-        for rec, _key in selected
-    }
+    plans = {rec.address: planned_tests(rec, offered=offered, excluded=excluded)
+             for rec, _key in selected}  # fmt: skip
     if black_box:  # a missing kit fails before any model is loaded
-        from radmark.marking.kit import newest_kit
+        from radmark.marking.kit import first_kit
 
         for rec, _key in selected:
-            newest_kit(store, rec)
+            first_kit(store, rec)
     for rec, _key in selected:
         if not plans[rec.address]:
             raise UsageError(
@@ -225,39 +278,30 @@ def verify_model(
         from radmark.verify.guard import check_probe_shards
 
         check_probe_shards(probe, store.mark_records(None))
-    settings = EvidenceSettings(
-        device=device,
-        batch_size=batch_size,
-        center=center,
-        pullback_limit=pullback_limit,
-        marker_spec=marker_spec,
-    )
-    evidence = prepare(
-        model_spec,
-        store=store,
-        probe=probe,
-        probe_limit=probe_limit,
-        arch=arch,
-        head=head,
-        settings=settings,
-    )
-    if evidence.probe is not None:  # the pixel half of the probe guard (verify/guard.py)
-        from radmark.marking.manifest import pixel_index
-        from radmark.verify.guard import check_probe_pixels
-
+    settings = EvidenceSettings(device=device, batch_size=batch_size, center=center,
+                                pullback_limit=pullback_limit, marker_spec=marker_spec)  # fmt: skip
+    pairs: list[tuple[Evidence, MarkRecord, dict[str, TestResult], PlanStatus]] = []
+    warnings: list[str] = []
+    models: list[ModelInfo] = []
+    for spec in model_specs:
+        evidence = prepare(spec, store=store, probe=probe, probe_limit=probe_limit, arch=arch,
+                           head=head, settings=settings)  # fmt: skip
+        s = evidence.suspect
+        models.append(ModelInfo(s.source, s.sha256, s.arch))
+        _check_suspect(evidence, selected, store)
+        digest = (probe_digest(evidence.probe.images, evidence.probe.labels)
+                  if evidence.probe is not None else None)  # fmt: skip
         for rec, key in selected:
-            marked = pixel_index(store.root, rec.address)
-            check_probe_pixels(evidence.probe, key, marked, rec.short)
-    suspect = evidence.suspect
-    for rec, _key in selected:  # cheap check before any feature extraction
-        if suspect.num_classes != rec.num_classes:
-            raise ModelError(
-                f"{suspect.source} ({suspect.arch}) has {suspect.num_classes} classes but mark "
-                f"record {rec.short} has {rec.num_classes}: the model's classes do not match "
-                "the key's mark (pass --head NAME if another Linear layer is the classifier)"
-            )
-    scored = [(rec, score_record(evidence, rec, key, plans[rec.address])) for rec, key in selected]
-    combined = [combine(tests.values()) for _rec, tests in scored]
+            tests = score_record(evidence, rec, key, plans[rec.address])
+            conduct = Conduct(
+                tests=tuple(n for n, t in tests.items() if t.exact), alpha=alpha,
+                probe_sha256=digest, center=center, probe_limit=probe_limit,
+                pullback_limit=pullback_limit, head=head,
+                kit=_kit_used(evidence, rec) if BLACK_BOX in tests else None,
+            )  # fmt: skip
+            pairs.append((evidence, rec, tests, compare(_plan_of(rec), conduct)))
+        warnings += [n for n in evidence.notes if n not in warnings]
+    combined = [combine(tests.values()) for _e, _rec, tests, _s in pairs]
     adjusted = holm_adjust(np.array(combined))
     log_alpha = math.log(alpha)
     results = [
@@ -273,24 +317,47 @@ def verify_model(
             log_p_adjusted=float(adj),
             detected=bool(adj <= log_alpha),
             combination=combination_rule(tests.values()),
-        )
-        for (rec, tests), comb, adj in zip(scored, combined, adjusted, strict=True)
+            plan=status,
+            model=ev.suspect.source,
+            model_sha256=ev.suspect.sha256,
+        )  # fmt: skip
+        for (ev, rec, tests, status), comb, adj in zip(pairs, combined, adjusted, strict=True)
     ]
-    warnings = list(evidence.notes)
     if any(r.num_classes < LOW_POWER_CLASSES for r in results):
         warnings.append(
             f"only {min(r.num_classes for r in results)} classes: the white-box test has little "
             "power with few classes, so 'not detected' is weak evidence of absence"
         )
+    n_models, n_keys = len(models), len(selected)
     return VerifyResult(
-        model=suspect.source,
-        model_sha256=suspect.sha256,
-        arch=suspect.arch,
-        alpha=alpha,
-        detected=any(r.detected for r in results),
-        results=results,
-        probe_size=int(evidence.probe.images.shape[0]) if evidence.probe is not None else 0,
-        correction="holm" if len(results) > 1 else None,
-        warnings=warnings,
-        seconds=time.perf_counter() - t0,
-    )
+        model=models[0].model, model_sha256=models[0].sha256, arch=models[0].arch,
+        alpha=alpha, detected=any(r.detected for r in results), results=results,
+        probe_size=int(pairs[0][0].probe.images.shape[0]) if pairs[0][0].probe is not None else 0,
+        correction=(f"holm over {n_models} models x {n_keys} keys" if n_models > 1 else "holm")
+        if len(results) > 1 else None,
+        warnings=warnings, seconds=time.perf_counter() - t0, models=models,
+    )  # fmt: skip
+
+
+def _check_suspect(evidence: Evidence, selected: list[tuple[MarkRecord, SecretKey]],
+                   store: Keystore) -> None:  # fmt: skip
+    """Cheap checks before any feature extraction: classes match, no marked image in the probe."""
+    suspect = evidence.suspect
+    for rec, key in selected:
+        if suspect.num_classes != rec.num_classes:
+            raise ModelError(
+                f"{suspect.source} ({suspect.arch}) has {suspect.num_classes} classes but mark "
+                f"record {rec.short} has {rec.num_classes}: the model's classes do not match "
+                "the key's mark (pass --head NAME if another Linear layer is the classifier)"
+            )
+        if evidence.probe is not None:  # the pixel half of the probe guard (verify/guard.py)
+            from radmark.marking.manifest import pixel_index
+            from radmark.verify.guard import check_probe_pixels
+
+            check_probe_pixels(evidence.probe, key, pixel_index(store.root, rec.address),
+                               rec.short)  # fmt: skip
+
+
+def _kit_used(evidence: Evidence, rec: MarkRecord) -> dict[str, int]:
+    kit_rec, _kit = evidence.kit(rec)
+    return {"decoys": kit_rec.decoys, "per_class": kit_rec.per_class}

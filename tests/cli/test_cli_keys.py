@@ -144,3 +144,67 @@ def test_keys_import_a_key_file_from_another_machine(tmp_path) -> None:
     bad.chmod(0o600)
     r = CliRunner().invoke(app, ["keys", "import", str(bad), "--keystore", str(tmp_path / "ks")])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+# --------------------------------------------------------------------------------------------
+# issue #12: never overwrite silently
+
+
+def _one_line(res, *needles: str) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("radmark: error: "), res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_export_public_never_replaces_the_owner_key_file(tmp_path: Path) -> None:
+    """Before #12, ``export-public FP --out owner.key`` replaced the secret key file (0600 →
+    0644)."""
+    ks, key_file = tmp_path / "ks", tmp_path / "owner.key"
+    fp = _keygen(ks, "--no-passphrase", "--out", str(key_file))["fingerprint"]
+    secret = key_file.read_bytes()
+    for extra in ([], ["--json"]):
+        res = run("keys", "export-public", fp, "--keystore", str(ks), "--out", str(key_file),
+                  *extra)  # fmt: skip
+        _one_line(res, str(key_file), "already exists", "--force")
+        if extra:
+            assert json.loads(res.stdout)["error"]["kind"] == "TargetExistsError"
+    assert key_file.read_bytes() == secret and key_file.stat().st_mode & 0o777 == 0o600
+    # a new file is written, and --force replaces an existing one on purpose
+    pub = tmp_path / "public.json"
+    res = run("keys", "export-public", fp, "--keystore", str(ks), "--out", str(pub), "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert (
+        doc["address"] == fp and doc["path"] == str(pub) and doc["record"]["type"] == "radmark.key"
+    )
+    assert json.loads(pub.read_bytes()) == doc["record"]
+    pub.write_bytes(b"stale")
+    res = run("keys", "export-public", fp, "--keystore", str(ks), "--out", str(pub), "--force")
+    assert res.exit_code == 0, res.output
+    assert json.loads(pub.read_bytes()) == doc["record"]
+
+
+def test_keygen_out_never_replaces_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "owner.key"
+    _keygen(tmp_path / "ks", "--no-passphrase", "--out", str(key_file))
+    first = key_file.read_bytes()
+    res = run("keygen", "--keystore", str(tmp_path / "ks"), "--no-passphrase", "--out",
+              str(key_file))  # fmt: skip
+    _one_line(res, "already exists", "--force")
+    assert key_file.read_bytes() == first
+    assert len(list((tmp_path / "ks" / "secrets").iterdir())) == 1  # refused before any key
+    _keygen(tmp_path / "ks", "--no-passphrase", "--out", str(key_file), "--force")
+    assert key_file.read_bytes() != first and key_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_keystore_open_to_others_is_refused_with_the_chmod(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    _keygen(ks, "--no-passphrase")
+    ks.chmod(0o755)
+    _one_line(run("keys", "list", "--keystore", str(ks)), f"run: chmod 700 {ks}")
+    ks.chmod(0o700)
+    (ks / "secrets").chmod(0o755)
+    _one_line(run("keys", "list", "--keystore", str(ks)), f"run: chmod 700 {ks / 'secrets'}")

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -109,7 +112,9 @@ def test_mark_json_fields_record_and_keys_show(world: dict[str, Path], tmp_path:
     assert [s["name"] for s in rec["shards"]] == ["data-000000.tar", "data-000001.tar"]
 
 
-def test_resume_rules(world: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_rules(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     first = run(*_args(world, out, "--json"))
     assert first.exit_code == 0, first.output
@@ -128,14 +133,59 @@ def test_resume_rules(world: dict[str, Path], tmp_path: Path) -> None:
     assert all(r["resumed"] for r in doc["shard_reports"])
     assert {k: v for k, v in sha256_tree(out).items() if k.endswith(".tar")} == shards_before
     assert doc["marked"] == json.loads(first.stdout)["marked"]
+    # a finished run resumed is a no-op: the same record, nothing new signed (issue #12)
+    assert doc["record"] == json.loads(first.stdout)["record"]
+    objects = sorted((world["ks"] / "objects").rglob("*.json"))
+    # a record signed now would differ from the first even within the same second
+    monkeypatch.setattr("radmark.keys.records.utc_timestamp", lambda: "2099-01-01T00:00:00Z")
+    again = run(*_args(world, out, "--resume", "--json"))
+    assert again.exit_code == 0 and json.loads(again.stdout)["record"] == doc["record"]
+    assert sorted((world["ks"] / "objects").rglob("*.json")) == objects
 
 
 def test_existing_output_shard_without_manifest_is_refused(world, tmp_path: Path) -> None:
+    """Not radmark's file: refused with or without --resume (issue #12), replaced only with
+    --force."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "data-000000.tar").write_bytes(b"someone else's file")
     _one_error_line(run(*_args(world, out, "--json")), "already holds data-000000.tar")
+    _one_error_line(
+        run(*_args(world, out, "--resume", "--json")), "which no run of this key", "--force"
+    )
     assert (out / "data-000000.tar").read_bytes() == b"someone else's file"
+    res = run(*_args(world, out, "--resume", "--force", "--json"))
+    assert res.exit_code == 0, res.output
+    assert [s.key for s in iter_samples(str(out / "data-000000.tar"))][0] == "00000000"
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["pipe:cat {shard}", "pipe:cat < {shard}", "pipe:cat {rel}", "{shard}"],
+)
+def test_out_never_holds_an_input_whatever_the_url_form(
+    world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """``mark 'pipe:cat in/data.tar' --out in --resume`` overwrote the input before #12."""
+    src = tmp_path / "in"
+    shutil.copytree(world["in"], src)
+    monkeypatch.chdir(tmp_path)
+    before = sha256_tree(src)
+    shard = src / "data-000000.tar"
+    spec = form.format(shard=shard, rel="in/data-000000.tar")
+    for extra in (["--resume"], ["--resume", "--force"], []):
+        res = run(*_args(world, src, "--json", *extra, shards=[spec]))
+        _one_error_line(res, "would overwrite the input shard", "data-000000.tar")
+    assert sha256_tree(src) == before
+
+
+def test_mark_numeric_options_are_checked(world, tmp_path: Path) -> None:
+    for opt, value in (("--num-classes", "0"), ("--num-classes", "-1"), ("--batch-size", "0"),
+                       ("--fraction", "nan"), ("--kit-per-class", "0")):  # fmt: skip
+        extra = ["--kit-probe", str(world["in"])] if opt.startswith("--kit") else []
+        res = run(*_args(world, tmp_path / "out", "--json", opt, value, *extra))
+        _one_error_line(res, opt)
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +251,9 @@ def test_a_run_that_finished_no_shard_can_simply_be_rerun(world, tmp_path: Path)
     )
     out = tmp_path / "out"
     _one_error_line(run(*_args(world, out, "--json", shards=[str(bad)])), "bad-000000.tar")
-    assert find_state(world["ks"], out) is not None  # settings pinned, but no shard finished
+    assert (
+        find_state(world["ks"], out) is None
+    )  # no shard finished: nothing kept, nothing to protect
     res = run(*_args(world, out, "--json"))  # other shards, no --resume: nothing to protect
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["images"] == 32
@@ -489,3 +541,128 @@ def test_hostile_sizes_exit_2_or_mark_in_bounded_memory(world, tmp_path: Path) -
     assert rc == 2 and "too large" in err, err
     assert peak < base + 200, (peak, base)
     assert not (tmp_path / "o3").exists() or not list((tmp_path / "o3").glob("*.tar*"))
+
+
+# issue #12: any input: tiny images, names that are not UTF-8, compressed shards, marker train
+
+
+def test_tiny_images_are_copied_unmarked_and_counted(world, tmp_path: Path) -> None:
+    """Images under 8 px on a side (MIN_MARK_SIDE) were a traceback; now copied and counted."""
+    from radmark.data.images import encode_png
+    from radmark.marking.views import MIN_MARK_SIDE
+
+    good = _good_members(world)
+    rng = np.random.default_rng(0)
+    tiny = {
+        f"t{side}": encode_png(rng.integers(0, 256, (side, side + 2, 1), dtype=np.uint8))
+        for side in (1, 3, MIN_MARK_SIDE - 1)
+    }
+    members = list(good)
+    for key, png in tiny.items():
+        members += [(f"{key}.png", png), (f"{key}.cls", b"3")]
+    shard = _tar(tmp_path / "in" / "tiny-000000.tar", members)
+    out = tmp_path / "out"
+    res = run(*_args(world, out, "--json", "--fraction", "1.0", shards=[str(shard)]))
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert (doc["images"], doc["marked"], doc["skipped"]) == (4, 1, 3)
+    copied = {s.key: s for s in iter_samples(str(out / "tiny-000000.tar"))}
+    for key, png in tiny.items():
+        assert copied[key].get("png") == png  # byte-identical
+    assert copied["00000000"].get("png") != dict(good)["00000000.png"]  # the 28x28 one is marked
+
+
+def test_names_that_are_not_utf8_are_marked(world, tmp_path: Path) -> None:
+    """A shard file and member names with Latin-1 bytes were a traceback; bytes are kept."""
+    good = _good_members(world)
+    shard = Path(os.fsdecode(os.fsencode(str(tmp_path / "in")) + b"/d\xe9ta.tar"))
+    _tar(shard, [(f"caf\udce9{i}.{n.split('.', 1)[1]}", d) for i in range(3) for n, d in good])
+    out = tmp_path / "out"
+    res = run(*_args(world, out, "--json", shards=[str(shard.parent)]))
+    assert res.exit_code == 0, res.output
+    assert os.listdir(os.fsencode(str(out))).count(b"d\xe9ta.tar") == 1
+    keys = [os.fsencode(s.key) for s in iter_samples(str(out / shard.name))]
+    assert keys == [b"caf\xe90", b"caf\xe91", b"caf\xe92"]
+    record = run("keys", "show", json.loads(res.stdout)["record"], "--keystore", str(world["ks"]),
+                 "--json")  # fmt: skip
+    assert [s["name"] for s in json.loads(record.stdout)["record"]["shards"]] == ["d\\xe9ta.tar"]
+    # a bad sample in such a shard: one printable line
+    _tar(shard, [*[(f"caf\udce9.{n.split('.', 1)[1]}", d) for n, d in good[:1]]])
+    _one_error_line(run(*_args(world, tmp_path / "o2", "--json", shards=[str(shard)])),
+                    "d\\xe9ta.tar", "caf\\xe9")  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tgz", ".tar.xz", ".tar.bz2"])
+def test_compressed_shards_keep_their_compression(world, tmp_path: Path, suffix: str) -> None:
+    from radmark.data.writer import write_dataset
+    from tests.factories import fmnist
+
+    images, labels = fmnist(20)
+    write_dataset(images, labels, tmp_path / "in", samples_per_shard=10, suffix=suffix)
+    magic = {".tar.gz": b"\x1f\x8b", ".tgz": b"\x1f\x8b", ".tar.xz": b"\xfd7zXZ",
+             ".tar.bz2": b"BZh"}[suffix]  # fmt: skip
+    outs = []
+    for name in ("out", "again"):
+        res = run(*_args(world, tmp_path / name, "--json", shards=[str(tmp_path / "in")]))
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["images"] == 20
+        outs.append({k: v for k, v in sha256_tree(tmp_path / name).items() if k.endswith(suffix)})
+    assert sorted(outs[0]) == [f"data-00000{j}{suffix}" for j in (0, 1)]
+    assert outs[0] == outs[1]  # reproducible compressed bytes
+    for name in outs[0]:
+        out = tmp_path / "out" / name
+        assert out.read_bytes().startswith(magic)
+        assert len(list(iter_samples(str(out)))) == 10
+    res = run(*_args(world, tmp_path / "out", "--resume", "--json", shards=[str(tmp_path / "in")]))
+    assert res.exit_code == 0 and all(r["resumed"] for r in json.loads(res.stdout)["shard_reports"])
+
+
+@pytest.mark.parametrize(
+    ("opt", "value"),
+    [
+        ("--batch-size", "0"),
+        ("--batch-size", "-1"),
+        ("--epochs", "0"),
+        ("--lr", "0"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--limit", "0"),
+        ("--num-classes", "0"),
+        ("--arch", "nope"),
+    ],  # fmt: skip
+)
+def test_marker_train_options_are_checked_before_any_work(
+    world, tmp_path: Path, opt: str, value: str
+) -> None:
+    """--batch-size 0 was a ZeroDivisionError (exit 1), --lr 0 trained nothing and exited 0."""
+    out = tmp_path / "m.safetensors"
+    res = run("marker", "train", str(world["in"]), "--out", str(out), "--arch", "smallcnn",
+              "--epochs", "1", opt, value, "--json")  # fmt: skip
+    _one_error_line(res, opt if opt != "--arch" else "nope")
+    assert json.loads(res.stdout)["error"]["kind"] == "UsageError"
+    assert not out.exists()
+
+
+def test_marker_train_never_replaces_a_marker(world, tmp_path: Path) -> None:
+    """Mark records bind a marker by its hash: replacing one silently would orphan them."""
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(world["marker"].read_bytes())
+    args = ["marker", "train", str(world["in"]), "--out", str(out), "--arch", "smallcnn",
+            "--epochs", "1", "--json"]  # fmt: skip
+    _one_error_line(run(*args), "already exists", "--force")
+    assert out.read_bytes() == world["marker"].read_bytes()
+    res = run(*args, "--force")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_marker_train_on_images_too_small_for_the_architecture(world, tmp_path: Path) -> None:
+    from radmark.data.writer import write_dataset
+
+    rng = np.random.default_rng(0)
+    write_dataset(rng.integers(0, 256, (12, 5, 5), dtype=np.uint8), list(range(10)) + [0, 1],
+                  tmp_path / "in")  # fmt: skip
+    res = run("marker", "train", str(tmp_path / "in"), "--out", str(tmp_path / "m.safetensors"),
+              "--arch", "smallcnn", "--epochs", "1", "--json")  # fmt: skip
+    _one_error_line(res, "smallcnn cannot take 5x5 images")

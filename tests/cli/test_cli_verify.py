@@ -335,3 +335,123 @@ def test_bad_options(world: dict[str, Any], extra: list[str], needle: str) -> No
 def test_missing_model_file(world: dict[str, Any], tmp_path: Path) -> None:
     missing = tmp_path / "nope.safetensors"
     one_error_line(verify(world, missing, "--key", world["k1"]), str(missing), "does not exist")
+
+
+# --------------------------------------------------------------------------------------------
+# issue #12: a crash is never a verdict; the plot never replaces one; records chosen by verify
+
+
+def test_plot_never_replaces_a_file_and_is_checked_before_any_work(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    png = tmp_path / "cosines.png"
+    png.write_bytes(b"an earlier plot")
+    calls: list[str] = []
+    import radmark.verify.run as verify_run
+
+    real = verify_run.verify_model
+    monkeypatch.setattr(
+        verify_run, "verify_model", lambda *a, **k: calls.append("x") or real(*a, **k)
+    )
+    one_error_line(verify(world, world["clean"], "--key", world["k1"], "--plot", png, "--json"),
+                   str(png), "already exists", "--force")  # fmt: skip
+    assert png.read_bytes() == b"an earlier plot" and not calls  # refused before any work
+    res = verify(world, world["clean"], "--key", world["k1"], "--plot", png, "--force")
+    assert res.exit_code in (0, 1), res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = tmp_path / "no" / "dir" / "p.png"
+    one_error_line(verify(world, world["clean"], "--key", world["k1"], "--plot", missing),
+                   "does not exist")  # fmt: skip
+
+
+def test_a_plot_that_cannot_be_written_keeps_the_verdict(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from radmark.errors import InputError
+
+    def fail(*_a: Any, **_k: Any) -> None:
+        raise InputError("--plot p.png: cannot write (No space left on device)")
+
+    monkeypatch.setattr("radmark.report.plot.cosine_plot", fail)
+    res = verify(
+        world, world["clean"], "--key", world["k1"], "--plot", tmp_path / "p.png", "--json"
+    )
+    assert res.exit_code in (0, 1), res.output
+    doc = json.loads(res.stdout)  # exactly one JSON object: the verdict
+    assert res.exit_code == (1 if doc["detected"] else 0)
+    assert "warning: the plot was not written" in res.stderr
+
+
+def test_black_box_plot_without_probe_is_refused_before_any_work(world: dict[str, Any]) -> None:
+    """Before #12: ``max()`` of an empty list in the plot code, after the work, no verdict."""
+    res = verify(world, world["clean"], "--key", world["k1"], "--black-box", "--plot", "p.png",
+                 "--json", probe=False)  # fmt: skip
+    one_error_line(res, "--plot", "--probe")
+
+
+def test_probe_images_too_small_for_the_marker(world: dict[str, Any], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    write_dataset(rng.integers(0, 256, (300, 7, 7), dtype=np.uint8), [i % 10 for i in range(300)],
+                  tmp_path / "probe7")  # fmt: skip
+    args = ["--key", world["k1"], "--probe", tmp_path / "probe7", "--json"]
+    one_error_line(verify(world, world["clean"], *args, probe=False), "cannot take 7x7 images")
+
+
+def test_float8_suspect_gets_a_verdict(world: dict[str, Any], tmp_path: Path) -> None:
+    """Before #12: ``"isfinite" not implemented for 'Float8_e4m3fn'`` (exit 1)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(world["clean"]), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(world["clean"]))
+    name = sorted(state)[0]
+    state[name] = state[name].to(torch.float8_e4m3fn)
+    path = tmp_path / "f8.safetensors"
+    save_file(state, str(path), metadata=meta)
+    res = verify(world, path, "--key", world["k1"], "--json")
+    assert res.exit_code in (0, 1), res.output
+    assert json.loads(res.stdout)["results"][0]["fingerprint"] == world["k1"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--probe-limit", "0"],
+        ["--probe-limit", "-3"],
+        ["--pullback-limit", "0"],
+        ["--alpha", "nan"],
+        ["--alpha", "inf"],
+    ],  # fmt: skip
+)
+def test_non_positive_numbers(world: dict[str, Any], extra: list[str]) -> None:
+    one_error_line(verify(world, world["clean"], "--key", world["k1"], *extra, "--json"), extra[0])
+
+
+def test_black_box_finds_an_earlier_kit_after_a_later_mark_without_one(
+    world: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue #12 §7: a later ``mark`` with the same key and marker (no --kit-probe) made verify
+    --black-box pick the newest record, which has no kit, and fail."""
+    ks = tmp_path / "keys"
+    fp = generate_key(ks, passphrase=None, scrypt_n=2**10).fingerprint
+    base = ["mark", world["root"] / "tiny", "--key", fp, "--keystore", ks, "--marker",
+            world["marker"], "--steps", "1", "--json"]  # fmt: skip
+    first = run(*base, "--out", tmp_path / "m1", "--kit-probe", world["probe"],
+                "--kit-decoys", "3", "--kit-per-class", "2")  # fmt: skip
+    assert first.exit_code == 0, first.output
+    kit_record = json.loads(first.stdout)["record"]
+    import time
+
+    time.sleep(1.1)  # a strictly newer record
+    later = run(*base, "--out", tmp_path / "m2", "--fraction", "0.5")
+    assert later.exit_code == 0, later.output
+    newest = json.loads(later.stdout)["record"]
+    assert newest != kit_record
+    assert [r.address for r in Keystore.open(ks).mark_records()][-1] == newest.removeprefix(
+        "sha256:"
+    )
+    res = run("verify", world["clean"], "--keystore", ks, "--key", fp, "--black-box", "--json")
+    assert res.exit_code in (0, 1), res.output
+    (r,) = json.loads(res.stdout)["results"]
+    assert r["record"] == kit_record and "black_box_rank" in r["tests"]

@@ -185,3 +185,125 @@ def test_mark_record_signed_by_another_key_refused(tmp_path: Path) -> None:
     store.put(other.sign(body))
     with pytest.raises(IntegrityError, match="signature"):
         Keystore.open(ks)
+
+
+# --------------------------------------------------------------------------------------------
+# issue #12: directories, links and unauthenticated KDF parameters
+
+
+def _store_with_kit(tmp_path: Path) -> Path:
+    ks = tmp_path / "ks"
+    generate_key(ks, passphrase=None, scrypt_n=FAST_N)
+    Keystore.open(ks).put_kit(b"kit bytes")
+    return ks
+
+
+@pytest.mark.parametrize(
+    ("sub", "mode", "fix"),
+    [
+        ("", 0o755, "chmod 700"),  # the root: readable by others lists every key and record
+        ("", 0o770, "chmod 700"),
+        ("secrets", 0o755, "chmod 700"),
+        ("kits", 0o750, "chmod 700"),
+        ("objects", 0o775, "chmod go-w"),  # public records, but nobody else may plant one
+    ],
+)
+def test_keystore_directories_open_to_others_are_refused_with_the_chmod(
+    tmp_path: Path, sub: str, mode: int, fix: str
+) -> None:
+    ks = _store_with_kit(tmp_path)
+    d = ks / sub if sub else ks
+    d.chmod(mode)
+    with pytest.raises(KeystoreError, match=f"too open.*run: {fix} {d}"):
+        Keystore.open(ks)
+    d.chmod(0o700)
+    Keystore.open(ks)
+
+
+def test_objects_world_readable_is_fine(tmp_path: Path) -> None:
+    ks = _store_with_kit(tmp_path)
+    (ks / "objects").chmod(0o755)
+    Keystore.open(ks)
+
+
+def test_a_permissive_umask_still_makes_an_openable_keystore(tmp_path: Path) -> None:
+    old = os.umask(0o002)
+    try:
+        ks = _store_with_kit(tmp_path)
+    finally:
+        os.umask(old)
+    for d in [ks, *(p for p in ks.rglob("*") if p.is_dir())]:
+        assert not d.stat().st_mode & 0o022, d
+    Keystore.open(ks)
+
+
+@pytest.mark.parametrize("which", ["objects", "objects/xx", "secrets", "kits", "kits/xx"])
+def test_symlinked_directories_inside_the_keystore_are_refused(tmp_path: Path, which: str) -> None:
+    ks = _store_with_kit(tmp_path)
+    top = which.split("/")[0]
+    sub = next(p for p in (ks / top).iterdir()) if which.endswith("/xx") else ks / top
+    real = tmp_path / "elsewhere"
+    sub.rename(real)
+    sub.symlink_to(real)
+    with pytest.raises(KeystoreError, match="symbolic link"):
+        Keystore.open(ks)
+
+
+def _edit_secret(path: Path, **changes: int) -> Path:
+    """Edit the scrypt parameters of an encrypted secret and rename it to its new hash."""
+    from radmark.canonical import sha256_hex
+
+    doc = json.loads(path.read_bytes())
+    doc["encryption"].update(changes)
+    data = canonical_json(doc)
+    fp = path.name.split(".")[0]
+    new = path.with_name(f"{fp}.{sha256_hex(data)}.secret")
+    path.unlink()
+    new.write_bytes(data)
+    new.chmod(0o600)
+    return new
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"n": 2**40},
+        {"n": 2**62},
+        {"n": 2**21},
+        {"n": 3000},
+        {"p": 2**20},
+        {"p": 17},
+        {"r": 2**10},
+        {"n": 0},
+        {"n": True},
+        {"p": "1"},
+    ],  # fmt: skip
+)
+def test_edited_scrypt_parameters_are_refused_before_use(
+    tmp_path: Path, changes: dict[str, int]
+) -> None:
+    """Before issue #12: n = 2^40 was a MemoryError, n = 2^62 a panic and p = 2^20 a hang."""
+    import time
+
+    ks = tmp_path / "ks"
+    res = generate_key(ks, passphrase="pw", scrypt_n=FAST_N)
+    _edit_secret(res.path, **changes)
+    store = Keystore.open(ks)  # the file is well-formed and content-addressed: it opens
+    t0 = time.perf_counter()
+    with pytest.raises(IntegrityError, match="scrypt parameters"):
+        store.secret(res.fingerprint, lambda: "pw")
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_edited_scrypt_parameters_in_a_key_file_are_refused(tmp_path: Path) -> None:
+    from radmark.keys.sealing import keyfile_bytes
+
+    ks = tmp_path / "ks"
+    res = generate_key(ks, passphrase="pw", out_file=tmp_path / "o.key", scrypt_n=FAST_N)
+    doc = json.loads((tmp_path / "o.key").read_bytes())
+    doc["secret"]["encryption"]["p"] = 2**20
+    pub = PublicKeyRecord.from_signed(doc["public_record"])
+    (tmp_path / "o.key").write_bytes(keyfile_bytes(pub, doc["secret"]))
+    with pytest.raises(IntegrityError, match="scrypt parameters"):
+        load_keyfile(tmp_path / "o.key", lambda: "pw")
+    assert res.fingerprint == address(pub.fingerprint)

@@ -424,3 +424,66 @@ def test_save_model_is_byte_reproducible(tmp_path) -> None:
     assert len({(tmp_path / f"m{i}.safetensors").read_bytes() for i in range(4)}) == 1
     loaded = load_model(str(tmp_path / "m0.safetensors"))
     assert loaded.sha256 == digests.pop() and loaded.metadata["k3"] == "3"
+
+
+# --------------------------------------------------------------------------------------------
+# issue #12: inputs too small for a network, training options
+
+
+def test_images_too_small_for_the_network_are_a_model_error(tmp_path: Path) -> None:
+    """smallcnn pools three times: 7×7 was a RuntimeError deep in torch (exit 1, later 3)."""
+    path = tmp_path / "m.safetensors"
+    save_model(_smallcnn(3), path, arch="smallcnn", num_classes=3)
+    loaded: LoadedModel = load_model(path)
+    for side in (1, 3, 7):
+        with pytest.raises(ModelError, match=f"cannot take {side}x{side} images"):
+            loaded.features(torch.rand(2, 1, side, side))
+        with pytest.raises(ModelError, match="too small"):
+            loaded.logits(torch.rand(1, 3, side, side))
+    assert loaded.features(torch.rand(2, 1, 8, 8)).shape == (2, 128)  # the minimum works
+    assert (8, 8) in loaded._sizes_ok  # checked once per size
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"batch_size": -2}, "--batch-size"),
+        ({"lr": 0.0}, "--lr"),
+        ({"lr": -1.0}, "--lr"),
+        ({"lr": float("nan")}, "--lr"),
+        ({"lr": float("inf")}, "--lr"),
+    ],  # fmt: skip
+)
+def test_training_options_are_checked(kwargs: dict, needle: str) -> None:
+    import numpy as np
+
+    from radmark.models.training import train_classifier
+
+    images = np.zeros((4, 1, 16, 16), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 1])
+    args = {"arch": "smallcnn", "num_classes": 2, "epochs": 1, **kwargs}
+    with pytest.raises(UsageError, match=needle):
+        train_classifier(images, labels, **args)
+
+
+def test_training_on_images_too_small_for_the_arch() -> None:
+    import numpy as np
+
+    from radmark.models.training import train_classifier
+
+    images = np.zeros((4, 1, 5, 5), dtype=np.uint8)
+    with pytest.raises(ModelError, match="smallcnn cannot take 5x5 images"):
+        train_classifier(images, np.array([0, 1, 0, 1]), arch="smallcnn", num_classes=2, epochs=1)
+
+
+def test_train_marker_refuses_an_existing_out_before_reading_anything(tmp_path: Path) -> None:
+    from radmark.fsutil import TargetExistsError
+    from radmark.models.training import train_marker
+
+    out = tmp_path / "marker.safetensors"
+    out.write_bytes(b"a marker that mark records bind by hash")
+    with pytest.raises(TargetExistsError, match="--force"):
+        train_marker([str(tmp_path / "no-such-shards")], out, arch="smallcnn")
+    assert out.read_bytes() == b"a marker that mark records bind by hash"

@@ -488,3 +488,82 @@ def test_encode_png_round_trips_and_is_deterministic() -> None:
 def test_encode_decode_property(h: int, w: int, c: int, seed: int) -> None:
     img = np.random.default_rng(seed).integers(0, 256, size=(h, w, c), dtype=np.uint8)
     np.testing.assert_array_equal(decode_image(encode_png(img), shard="s", key="k"), img)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #12: compressed shards keep their compression; names that are not UTF-8; pipe: commands
+
+
+MAGIC = {".tar": b"", ".tar.gz": b"\x1f\x8b", ".tgz": b"\x1f\x8b", ".tar.xz": b"\xfd7zXZ\x00",
+         ".txz": b"\xfd7zXZ\x00", ".tar.bz2": b"BZh", ".tbz2": b"BZh", ".tbz": b"BZh"}  # fmt: skip
+
+
+@pytest.mark.parametrize("suffix", sorted(MAGIC))
+def test_compressed_shards_are_scanned_written_and_read_back(tmp_path: Path, suffix: str) -> None:
+    images, labels = _images(5, h=9, w=9), [0, 1, 2, 3, 4]
+    (path,) = write_dataset(images, labels, tmp_path / "a", suffix=suffix)
+    (again,) = write_dataset(images, labels, tmp_path / "b", suffix=suffix)
+    data = path.read_bytes()
+    assert path.name.endswith(suffix) and data.startswith(MAGIC[suffix])
+    assert data == again.read_bytes()  # fixed level, mtime 0, no file name: reproducible
+    assert expand_shards([str(tmp_path / "a")]) == [str(path)]  # found by the directory scan
+    got = list(iter_samples(str(path)))
+    assert [s.key for s in got] == [f"{i:08d}" for i in range(5)]
+    # written back under the same name: the same compression
+    (tmp_path / "c").mkdir()
+    res = write_shard(tmp_path / "c" / path.name, got)
+    assert res.path.read_bytes().startswith(MAGIC[suffix]) and res.sha256 == sha256_file(res.path)
+    assert [(s.key, s.members) for s in iter_samples(str(res.path))] == [
+        (s.key, s.members) for s in got
+    ]
+    if suffix == ".tar.gz":  # no name, no time in the gzip header
+        assert data[3] == 0 and data[4:8] == b"\0\0\0\0"
+
+
+def test_names_that_are_not_utf8_keep_their_bytes(tmp_path: Path) -> None:
+    """Member names are decoded with surrogate escapes and written back as the same bytes."""
+    raw = tmp_path / "raw.tar"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name in (b"caf\xe9.png", b"caf\xe9.cls", b"\xff\xfe/x.png", b"\xff\xfe/x.cls"):
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"1"))
+    raw.write_bytes(buf.getvalue())
+    samples = list(iter_samples(str(raw)))
+    assert [s.key for s in samples] == ["caf\udce9", "\udcff\udcfe/x"]
+    out = write_shard(tmp_path / "out.tar", samples)
+    with tarfile.open(out.path, encoding="utf-8", errors="surrogateescape") as tf:
+        names = [os.fsencode(m.name) for m in tf.getmembers()]
+    assert names == [b"caf\xe9.png", b"caf\xe9.cls", b"\xff\xfe/x.png", b"\xff\xfe/x.cls"]
+    from radmark.data.samples import name_bytes, printable
+
+    assert name_bytes("caf\udce9") == b"caf\xe9" and printable("caf\udce9") == "caf\\xe9"
+    assert name_bytes("café") == "café".encode()  # valid UTF-8: the plain encoding
+
+
+def test_pipe_commands_do_not_see_the_passphrase(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (path,) = write_dataset(_images(2), [0, 1], tmp_path)
+    monkeypatch.setenv("RADMARK_PASSPHRASE", "hunter2")
+    monkeypatch.setenv("SOME_OTHER_VARIABLE", "kept")
+    url = 'pipe:test -z "${RADMARK_PASSPHRASE+set}" && test -n "$SOME_OTHER_VARIABLE" && cat '
+    assert len(list(iter_samples(url + str(path)))) == 2
+    leak = 'pipe:test -n "${RADMARK_PASSPHRASE+set}" && cat ' + str(path)  # the control
+    with pytest.raises(ShardError, match="status 1"):
+        list(iter_samples(leak))
+
+
+def test_pipe_input_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from radmark.data.sources import pipe_input_paths
+
+    (path,) = write_dataset(_images(1), [0], tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    assert pipe_input_paths(f"pipe:cat {path}") == [str(path)]
+    assert pipe_input_paths("pipe:cat in/data-000000.tar") == ["in/data-000000.tar"]
+    assert pipe_input_paths(f"pipe:cat <{path}") == [str(path)]
+    assert pipe_input_paths(f"pipe:cat < '{path}'") == [str(path)]
+    assert pipe_input_paths(f"pipe:zcat -f file://{path} | tar -t") == [str(path)]
+    assert pipe_input_paths("pipe:curl -s https://example.org/data-000000.tar") == []
+    assert pipe_input_paths("pipe:cat 'unbalanced") == []

@@ -72,9 +72,16 @@ class Net:
 
 
 def train_net(
-    x_u8: np.ndarray, y: np.ndarray, seed: int, epochs: int = 10, cache_name: str | None = None
+    x_u8: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    epochs: int = 10,
+    cache_name: str | None = None,
+    augment: bool = True,
 ) -> tuple:
-    """Train smallcnn with the library recipe (crop pad 4 + flip, SGD Nesterov, one-cycle)."""
+    """Train smallcnn with the library recipe (crop pad 4 + flip, SGD Nesterov, one-cycle).
+
+    augment=False: the same recipe without crop and flip (a model that memorises more)."""
     from radmark.models import build_model
 
     if cache_name and (CACHE / cache_name).exists():
@@ -84,7 +91,13 @@ def train_net(
         return Net(m, d["mean"], d["std"]), d["train_acc"], d["seconds"]
     t0 = time.time()
     model, mean, std, acc, _ = train_classifier(
-        np.ascontiguousarray(x_u8), y, arch="smallcnn", num_classes=C, epochs=epochs, seed=seed
+        np.ascontiguousarray(x_u8),
+        y,
+        arch="smallcnn",
+        num_classes=C,
+        epochs=epochs,
+        seed=seed,
+        augment=augment,
     )
     sec = time.time() - t0
     if cache_name:

@@ -9,6 +9,7 @@ usage: python twins_screen.py SEED KEY PER_CLASS GROUP VARIANTS [EPOCHS]
   on the clean training set, scored on the same candidates.
 """
 
+import os
 import sys
 import time
 
@@ -152,7 +153,11 @@ def main():
         )
         print(name, res["variants"][name], flush=True)
 
-    tag = f"s{seed}_k{key}_n{n}_g{group}_e{epochs}_{'-'.join(names)}"
+    aug = (
+        os.environ.get("TWINS_AUG", "1") == "1"
+    )  # 0: suspect and control trained without crop+flip
+    res["train_augment"] = aug
+    tag = f"s{seed}_k{key}_n{n}_g{group}_e{epochs}{'' if aug else '_noaug'}_{'-'.join(names)}"
     torch.save(
         dict(
             cands={k: v[0] for k, v in cands.items()},
@@ -163,10 +168,15 @@ def main():
         tc.CACHE / f"cands_{tag}.pt",
     )
     suspect, s_acc, s_sec = tc.train_net(
-        x_pub, y, seed=seed + 1, epochs=epochs, cache_name=f"suspect_{tag}.pt"
+        x_pub, y, seed=seed + 1, epochs=epochs, cache_name=f"suspect_{tag}.pt", augment=aug
     )
     clean, c_acc, c_sec = tc.train_net(
-        x, y, seed=seed + 1, epochs=epochs, cache_name=f"clean_s{seed}_n{n}_e{epochs}.pt"
+        x,
+        y,
+        seed=seed + 1,
+        epochs=epochs,
+        cache_name=f"clean_s{seed}_n{n}_e{epochs}{'' if aug else '_noaug'}.pt",
+        augment=aug,
     )
     for label, net, acc_t, sec in (
         ("suspect", suspect, s_acc, s_sec),
@@ -219,7 +229,11 @@ def main():
             [(k, round(out[k]["win"], 4), round(lp, 2)) for lp, k in best],
             flush=True,
         )
-        for k in ("A8/margin", "A8/neg_loss", "A0/margin", "A32/margin", "A8/margin_res"):
+        for k in [
+            k
+            for k in ("A8/margin", "A8/neg_loss", "A0/margin", "A32/margin", "A8/margin_res")
+            if "suspect/" + k in out
+        ]:
             print(
                 f"   {k}: suspect win {out['suspect/' + k]['win']:.4f} lp {out['suspect/' + k]['log10p']:.2f} | clean win {out['clean/' + k]['win']:.4f} lp {out['clean/' + k]['log10p']:.2f}",
                 flush=True,

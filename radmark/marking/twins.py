@@ -58,6 +58,8 @@ class TwinParams:
     linf: float = 8.0
     lambda_sep: float = 1.0
     pad: int = 4  # translation range of the shared augmentation (the suspect's crop)
+    keep: float = 1.0  # of each batch's selected images, this share with the highest marker loss
+    #                    gets twins; the rest are left unchanged (atypical images are memorised more)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -74,6 +76,8 @@ class TwinParams:
             raise UsageError(f"twin linf must be in [1, 255] levels, got {self.linf!r}")
         if not (math.isfinite(self.lr) and self.lr > 0) or self.lambda_sep < 0 or self.pad < 0:
             raise UsageError("twin lr must be > 0, lambda_sep >= 0 and pad >= 0")
+        if not (math.isfinite(self.keep) and 0.0 < self.keep <= 1.0):
+            raise UsageError(f"twin keep must be in (0, 1], got {self.keep!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +93,7 @@ class TwinParams:
 
 PRESETS: dict[str, TwinParams] = {
     "default": TwinParams(),
+    "hiloss": TwinParams(name="hiloss", keep=0.5),
     "dir4": TwinParams(name="dir4", mode="dir", candidates=4),
     "noise": TwinParams(name="noise", mode="noise"),
 }
@@ -303,6 +308,7 @@ def read_kit(blob: bytes, where: str) -> tuple[list[str], np.ndarray, np.ndarray
 class _TwinsRun:
     def __init__(self, key: SecretKey, marker: LoadedModel, params: TwinParams, device: str):
         self._seed = key.twin_seed()
+        self._marker = marker
         self._features = marker.features
         self._p = params
         self._device = device
@@ -314,16 +320,37 @@ class _TwinsRun:
 
     def mark(self, images: torch.Tensor, labels: torch.Tensor, sample_ids: list[str], *,
              generator: torch.Generator) -> MarkBatchResult:  # fmt: skip
+        b = images.shape[0]
+        kept = self._kept(images, labels)  # bool [B]: which images get twins
         feats = None if self._p.mode == "noise" else self._features
         cands = make_candidates(images, feats, self._p, generator)  # [M, B, C, H, W]
         pub = torch.from_numpy(published_index(self._seed, sample_ids, self._p.candidates))
-        b = images.shape[0]
         out = cands[pub.to(cands.device), torch.arange(b, device=cands.device)]
-        self._parts.append((list(sample_ids), labels.cpu().numpy().astype(np.int64),
-                            cands.permute(1, 0, 2, 3, 4).cpu().numpy()))  # fmt: skip
+        out = torch.where(kept.view(b, 1, 1, 1).to(out.device), out, images)
+        idx = np.flatnonzero(kept.cpu().numpy())
+        if idx.size:
+            self._parts.append(([sample_ids[i] for i in idx],
+                                labels.cpu().numpy().astype(np.int64)[idx],
+                                cands.permute(1, 0, 2, 3, 4).cpu().numpy()[idx]))  # fmt: skip
         linf = (out.to(torch.int16) - images.to(torch.int16)).abs().amax(dim=(1, 2, 3))
         return MarkBatchResult(out, psnr(images, out), linf.to(torch.int64),
                                torch.full((b,), float("nan"), device=out.device))  # fmt: skip
+
+    def _kept(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The ``keep`` share of the batch with the highest marker loss (all when keep = 1).
+
+        A function of the images and the marker only, never of the publication draw: exact.
+        """
+        b = images.shape[0]
+        if self._p.keep >= 1.0:
+            return torch.ones(b, dtype=torch.bool)
+        with torch.no_grad():
+            z = self._marker.logits(images.float().div(255.0)).float()
+            loss = torch.nn.functional.cross_entropy(z, labels.to(z.device), reduction="none")
+        n = max(1, math.ceil(self._p.keep * b))
+        kept = torch.zeros(b, dtype=torch.bool)
+        kept[torch.argsort(loss.cpu(), descending=True, stable=True)[:n]] = True
+        return kept
 
     def private_data(self) -> list[bytes]:
         """The twin kits accumulated since the last call (one per image size), then forgets them."""

@@ -159,13 +159,16 @@ class Evidence:
 
     # ------------------------------------------------------------------ twins
     def twin_scores(self, record: MarkRecord) -> tuple[list[str], np.ndarray]:
-        """The suspect's score of every twin candidate of ``record``: ids [N], float64 [N, M]."""
-        from radmark.verify.twin_rank import candidate_scores, load_twin_kits
+        """The suspect's score of every twin candidate of ``record``, residualised on the
+        marker's (``verify/twin_rank.py``): ids [N], float64 [N, M]."""
+        from radmark.verify.twin_rank import candidate_scores, load_twin_kits, residualise
 
         def make() -> tuple[list[str], np.ndarray]:
             ids, labels, cands = load_twin_kits(self, record)
-            s = self.settings
-            return ids, candidate_scores(self.suspect.logits, cands, labels, device=s.device)
+            dev = self.settings.device
+            own = candidate_scores(self.suspect.logits, cands, labels, device=dev)
+            ref = candidate_scores(self.marker(record).logits, cands, labels, device=dev)
+            return ids, residualise(own, ref)
 
         return self._once(("twin-scores", record.address), make)
 

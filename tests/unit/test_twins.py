@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -119,3 +120,45 @@ def test_power_when_the_model_prefers_the_published_twin() -> None:
     lp = rank_log_sf(ranks, 2)
     assert lp == pytest.approx(stats.binom.logsf(wins - 1, n, 0.5), abs=1e-9)  # the sign test
     assert wins > 330 and lp / np.log(10) < -2
+
+
+def test_high_loss_keep_marks_only_the_hardest_half(marker) -> None:
+    """keep = 0.5: the half of the batch with the highest marker loss gets twins, the rest stay
+    byte-identical and out of the kit; which half does not depend on the key."""
+    from radmark.marking.twins import PRESETS, _TwinsRun
+
+    images, labels = fmnist(8, offset=40)
+    x, y = torch.from_numpy(images[:, None]), torch.from_numpy(labels)
+    ids = [f"s/{i}" for i in range(8)]
+    outs = []
+    for k in (1, 2):
+        run = _TwinsRun(_key(k), marker, replace(PRESETS["hiloss"], steps=2), "cpu")
+        res = run.mark(x, y, ids, generator=torch.Generator().manual_seed(0))
+        changed = (res.images != x).flatten(1).any(1)
+        assert int(changed.sum()) == 4
+        (blob,) = run.private_data()
+        kit_ids, _, cands = read_kit(blob, "kit")
+        assert len(kit_ids) == 4 and cands.shape[:2] == (4, 2)
+        outs.append(changed)
+    assert torch.equal(outs[0], outs[1])
+    z = marker.logits(x.float() / 255.0)
+    loss = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    assert set(torch.argsort(loss, descending=True)[:4].tolist()) == set(
+        torch.nonzero(outs[0]).flatten().tolist())  # fmt: skip
+
+
+def test_residual_scores_keep_the_null(marker) -> None:
+    """The marker-residualised score (what verify uses) is still exact: over 1000 keys, valid."""
+    from radmark.verify.twin_rank import residualise
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(80, 2))
+    own = 2.0 * ref + 0.3 * rng.normal(size=(80, 2))
+    res = residualise(own, ref)
+    np.testing.assert_allclose(np.sum((res - res.mean(1, keepdims=True)) * (ref - ref.mean(
+        1, keepdims=True))), 0.0, atol=1e-9)  # fmt: skip
+    ids = [f"s/{i}" for i in range(80)]
+    p = np.array([np.exp(rank_log_sf(published_ranks(
+        res, published_index(_key(500 + k).twin_seed(), ids, 2)), 2)) for k in range(1000)])  # fmt: skip
+    for a in (0.01, 0.05, 0.2):
+        assert np.mean(p <= a) <= a + 3.3 * np.sqrt(a * (1 - a) / 1000), a

@@ -378,18 +378,21 @@ def kit_build(
         secret, _rec = load_keyfile(key, passphrase_fn())
     else:
         secret, _rec = store.secret(rec.fingerprint, passphrase_fn())
-    res = build_kit(
-        store=store,
-        record=rec,
-        key=secret,
-        probe=probe or [],
-        marker_spec=marker,
-        decoys=decoys,
-        per_class=per_class,
-        device=resolve_device(device),
-        batch_size=batch_size,
-        force=force,
-    )
+    with console.progress("kit", enabled=not json_out) as bar:
+        task = bar.add_task("carrier slots", total=None)
+        res = build_kit(
+            store=store,
+            record=rec,
+            key=secret,
+            probe=probe or [],
+            marker_spec=marker,
+            decoys=decoys,
+            per_class=per_class,
+            device=resolve_device(device),
+            batch_size=batch_size,
+            force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     if json_out:
         emit_json(kit_json(res))
         return

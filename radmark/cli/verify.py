@@ -128,23 +128,30 @@ def verify(
         raise UsageError(f"--expect must be one of {', '.join(EXPECT)}, not {expect!r}")
     if plot_file is not None:  # checked before any work; written after the verdict
         check_target(plot_file, white_box=bool(probe), force=force)
-    res = verify_models(
-        models,
-        keystore=keystore,
-        probe=probe or [],
-        key_ref=key,
-        marker_spec=marker,
-        arch=arch,
-        head=head,
-        alpha=alpha,
-        device=resolve_device(device),
-        probe_limit=probe_limit,
-        center=center,
-        passphrase=passphrase_fn(),
-        pullback=pullback,
-        pullback_limit=pullback_limit,
-        black_box=black_box,
-    )
+    with console.progress("verifying", enabled=not json_out) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        res = verify_models(
+            models,
+            keystore=keystore,
+            probe=probe or [],
+            key_ref=key,
+            marker_spec=marker,
+            arch=arch,
+            head=head,
+            alpha=alpha,
+            device=resolve_device(device),
+            probe_limit=probe_limit,
+            center=center,
+            passphrase=passphrase_fn(),
+            pullback=pullback,
+            pullback_limit=pullback_limit,
+            black_box=black_box,
+            progress=on_progress,
+        )
     if json_out:
         emit_json(verify_json(res))
     else:

@@ -91,18 +91,20 @@ def shard_name(url: str) -> str:
     """The file name an output shard gets for this input shard.
 
     Output shards keep their input's name so that the marked dataset lines up one to one with the
-    original. For a ``pipe:`` URL the name is taken from the command's last argument, which by
-    convention is the shard's address.
+    original. For a ``pipe:`` URL the name is taken from the command's last word that names a
+    shard (``pipe:curl -s https://host/data-000001.tar`` and ``pipe:aws s3 cp s3://b/data-1.tar -``
+    both give the tar's name).
     """
     if url.startswith("pipe:"):
         tokens = url[len("pipe:") :].split()
-        name = tokens[-1].rstrip("/").rsplit("/", 1)[-1] if tokens else ""
-        if not _is_shard_file(name) or name in SHARD_SUFFIXES:
+        names = [t.rstrip("/").rsplit("/", 1)[-1] for t in tokens]
+        names = [n for n in names if _is_shard_file(n) and n not in SHARD_SUFFIXES]
+        if not names:
             raise InputError(
-                f"cannot tell the shard name from {url!r}: its last word should be the shard's "
-                f"path or URL ending in {', '.join(SHARD_SUFFIXES)}"
+                f"cannot tell the shard name from {url!r}: one of its words should be the "
+                f"shard's path or URL ending in {', '.join(SHARD_SUFFIXES)}"
             )
-        return name
+        return names[-1]
     name = os.path.basename(url.rstrip("/"))
     if not name:
         raise InputError(f"cannot tell the shard name from {url!r}")

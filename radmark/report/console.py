@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.console import Console
 from rich.panel import Panel
+from rich.progress import Progress
 from rich.table import Table
 
 from radmark.data.samples import printable
@@ -40,6 +41,23 @@ def out() -> Console:
 
 def err() -> Console:
     return _console(stderr=True)
+
+
+def progress(label: str, *, enabled: bool = True) -> Progress:
+    """A transient progress bar on stderr, shown only on a terminal (never in logs or pipes)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    e = err()
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=e,
+        transient=True,
+        disable=not (enabled and e.is_terminal),
+    )
 
 
 def keygen(res: KeygenResult) -> None:

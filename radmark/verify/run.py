@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,7 @@ def verify_models(
     pullback: bool = True,
     pullback_limit: int | None = None,
     black_box: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> VerifyResult:
     """Test every model against every selected mark record; see the module docstring.
 
@@ -292,6 +293,8 @@ def verify_models(
         digest = (probe_digest(evidence.probe.images, evidence.probe.labels)
                   if evidence.probe is not None else None)  # fmt: skip
         for rec, key in selected:
+            if progress is not None:
+                progress(len(pairs), len(model_specs) * len(selected), f"{spec} vs {rec.short}")
             tests = score_record(evidence, rec, key, plans[rec.address])
             conduct = Conduct(
                 tests=tuple(n for n, t in tests.items() if t.exact), alpha=alpha,

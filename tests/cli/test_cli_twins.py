@@ -31,7 +31,9 @@ def test_twins_mark_and_verify(tmp_path: Path) -> None:
     assert doc["method"] == "twins" and doc["marked"] > 0 and doc["psnr_min"] >= 42.0
     rec = Keystore.open(tmp_path / "ks").mark_record(doc["record"])
     kits = rec.method_data["twin_kits"]
-    assert rec.method == "twins" and rec.carriers_sha256 is None and len(kits) == 3  # one a shard
+    assert rec.method == "twins" and rec.carriers_sha256 is None and 1 <= len(kits) <= 3
+    # one kit a shard that has a marked image: with a random key and 8 images a shard, a shard may
+    # hold none (CI saw 2 kits once)
     for addr in kits:  # private: 0600, content-addressed, never in --out
         path = next((tmp_path / "ks" / "kits").rglob(f"{addr}.safetensors"))
         assert stat.S_IMODE(path.stat().st_mode) == 0o600

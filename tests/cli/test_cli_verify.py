@@ -455,3 +455,22 @@ def test_black_box_finds_an_earlier_kit_after_a_later_mark_without_one(
     assert res.exit_code in (0, 1), res.output
     (r,) = json.loads(res.stdout)["results"]
     assert r["record"] == kit_record and "black_box_rank" in r["tests"]
+
+
+def test_progress_is_reported_once_per_model_and_key(world: dict[str, Any]) -> None:
+    """The bar behind `verify` (shown on a terminal only) is fed by verify_models: one event per
+    model x key pair, counting up to the total, and never a secret in its text."""
+    from radmark.verify.run import verify_models
+
+    events: list[tuple[int, int, str]] = []
+    res = verify_models(
+        [str(world["clean"]), str(world["clean"])],
+        keystore=world["ks"],
+        probe=[str(world["probe"])],
+        marker_spec=str(world["marker"]),
+        pullback=False,
+        progress=lambda done, total, what: events.append((done, total, what)),
+    )
+    assert len(res.results) == 4
+    assert [(d, t) for d, t, _ in events] == [(i, 4) for i in range(4)]
+    assert all(str(world["clean"]) in what for _, _, what in events)

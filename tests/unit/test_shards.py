@@ -567,3 +567,11 @@ def test_pipe_input_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert pipe_input_paths(f"pipe:zcat -f file://{path} | tar -t") == [str(path)]
     assert pipe_input_paths("pipe:curl -s https://example.org/data-000000.tar") == []
     assert pipe_input_paths("pipe:cat 'unbalanced") == []
+
+
+def test_pipe_shard_name_is_the_last_word_naming_a_shard() -> None:
+    assert shard_name("pipe:curl -fsSL https://host/x/data-000001.tar") == "data-000001.tar"
+    assert shard_name("pipe:aws s3 cp s3://bucket/p/data-000002.tar -") == "data-000002.tar"
+    assert shard_name("pipe:cat a.tar.gz") == "a.tar.gz"
+    with pytest.raises(InputError, match="cannot tell the shard name"):
+        shard_name("pipe:cat -")

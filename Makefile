@@ -35,11 +35,15 @@ format: $(STAMP)
 	$(BIN)/ruff format radmark tests bench
 	$(BIN)/ruff check --fix radmark tests bench
 
+# the few-minute smoke test of the whole chain (2,000 images): says nothing about power
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick
 
+# the power map on CPU (bench/map.py): <= 2 h on 2 cores, resumable (rerun to continue),
+# one stage with `python -m bench.map --stage NAME`; writes bench/results/map-*.json and
+# docs/benchmarks.md
 bench: $(STAMP)
-	$(BIN)/python -m bench.run --full
+	$(BIN)/python -m bench.map
 
 clean:
 	rm -rf demo-out .pytest_cache .ruff_cache

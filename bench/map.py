@@ -802,6 +802,31 @@ RUNNERS = {
 }
 
 
+#: the process computing a unit (a second scheduler on the same work dir waits for it)
+PID_FILE = "running.pid"
+
+
+def _pid_of(out: Path) -> int | None:
+    try:
+        return int((out / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def busy_elsewhere(out: Path) -> bool:
+    """A unit without result.json whose recorded process is alive (and is not this one)."""
+    pid = _pid_of(out)
+    if pid is None or pid == os.getpid() or (out / "result.json").exists():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False  # killed: the directory is a partial attempt, redone from scratch
+    except PermissionError:
+        return True
+    return True
+
+
 def run_unit(plan: Plan, work: Path, uid: str, threads: int) -> int:
     """Run one unit here (the child process): redo it from scratch unless it is done."""
     import torch
@@ -811,9 +836,12 @@ def run_unit(plan: Plan, work: Path, uid: str, threads: int) -> int:
     out = u.dir(work)
     if _result(out) is not None:
         return 0
+    if busy_elsewhere(out):
+        raise SystemExit(f"{uid} is being computed by process {_pid_of(out)}")
     if out.exists():
         shutil.rmtree(out)  # a killed attempt: its partial files are never trusted
     out.mkdir(parents=True)
+    (out / PID_FILE).write_text(f"{os.getpid()}\n")
     _write_json(out / "spec.json", {"uid": uid, "key": u.key, "spec": u.spec, "deps": u.deps})
     ctx = Ctx(plan, work, threads)
     started, load0 = _now(), os.getloadavg()
@@ -884,6 +912,7 @@ def schedule(plan: Plan, work: Path, uids: list[str], jobs: int, threads: int) -
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     (work / "logs").mkdir(parents=True, exist_ok=True)
     done: set[str] = set()
+    waiting: set[str] = set()
     chain = critical_paths(plan)
 
     def is_done(uid: str) -> bool:
@@ -899,8 +928,16 @@ def schedule(plan: Plan, work: Path, uids: list[str], jobs: int, threads: int) -
         for u in blocked:
             failed[u] = "a dependency failed"
             todo.discard(u)
+        elsewhere = {u for u in todo if busy_elsewhere(plan.units[u].dir(work))}
+        for u in elsewhere - waiting:
+            _log(f"wait  {u}: computed by process {_pid_of(plan.units[u].dir(work))}")
+        waiting.clear()
+        waiting.update(elsewhere)
+        for u in [u for u in todo if is_done(u)]:  # finished by another process
+            todo.discard(u)
+            _log(f"done  {u} (by another process)")
         launchable = sorted(
-            (u for u in todo if ready(u)),
+            (u for u in todo if ready(u) and u not in elsewhere),
             key=lambda u: (plan.units[u].priority, -chain[u]),
         )
         while launchable and len(running) < jobs:
@@ -912,7 +949,7 @@ def schedule(plan: Plan, work: Path, uids: list[str], jobs: int, threads: int) -
             _log(f"start {uid} (~{plan.units[uid].cost:.0f} s)")
             p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, env=env)
             running[uid] = (p, time.perf_counter(), log)
-        if not running:
+        if not running and not elsewhere:
             if todo:  # nothing can start: inputs of another stage are missing
                 missing = sorted({d for u in todo for d in plan.units[u].deps
                                   if d not in todo and not is_done(d)})  # fmt: skip

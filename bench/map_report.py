@@ -369,6 +369,46 @@ def pullback_summary(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def pullback_history(folder: Path) -> list[str]:
+    """The quick runs' pull-back KS p-values (where the question came from) and the synthetic
+    check of the statistic (bench/experiments/pullback_null_synthetic.py)."""
+    from scipy import stats
+
+    lines: list[str] = []
+    ks: list[float] = []
+    runs = 0
+    for path in sorted(folder.glob("quick-*.json")):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        got = [n["tests"]["pullback_fisher"]["ks_p"] for n in r.get("null", {}).values()
+               if "pullback_fisher" in n.get("tests", {})]  # fmt: skip
+        runs += bool(got)
+        ks += got
+    if ks:
+        k = sum(p < 0.01 for p in ks)
+        tail = float(stats.binom.sf(k - 1, len(ks), 0.01)) if k else 1.0
+        lines.append(
+            f"History: the {runs} quick runs with a pull-back null (1,000 keys, 2,000-image "
+            f"Fashion-MNIST suspects; the test's definition changed during them) gave {len(ks)} "
+            f"KS p-values, {k} below 0.01 (P(≥ {k} of {len(ks)}) = {tail:.2g} if calibrated)."
+        )
+    syn = folder / "experiments" / "pullback_null_synthetic.json"
+    if syn.exists():
+        r = json.loads(syn.read_text())
+        lines.append(
+            f"Synthetic check (`bench/experiments/pullback_null_synthetic.py`: fixed pull-back "
+            f"directions, the real carrier derivation and statistic, {r['keys']:,} keys per "
+            f"trial, C = {r['classes']}, d = {r['dim']}): KS p "
+            + ", ".join(f"{t['ks_p']:.3g}" for t in r["trials"])
+            + "; fraction < 0.01: "
+            + ", ".join(f"{t['frac_below_0.01']:.4f}" for t in r["trials"])
+            + "."
+        )
+    return lines
+
+
 def stage_rows(run: dict[str, Any]) -> list[list[str]]:
     rows = []
     for stage, s in run.get("stages", {}).items():
@@ -380,7 +420,9 @@ def stage_rows(run: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def section(run: dict[str, Any], img_dir: Path, doc_dir: Path) -> list[str]:
+def section(
+    run: dict[str, Any], img_dir: Path, doc_dir: Path, folder: Path | None = None
+) -> list[str]:
     g = run.get("git", {})
     commit = (g.get("commit") or "unknown")[:12] + (
         " (uncommitted changes)" if g.get("dirty") else ""
@@ -470,7 +512,9 @@ def section(run: dict[str, Any], img_dir: Path, doc_dir: Path) -> list[str]:
     ]
     header, rows = null_rows(run)
     lines += _table(header, rows)
-    lines += pullback_summary(run) + [""]
+    pb = pullback_summary(run) + (pullback_history(folder) if folder is not None else [])
+    lines += ["**The pull-back KS question.**", ""] if pb else []
+    lines += [x for line in pb for x in (line, "")]
     lines += ["### Wall time per stage", ""]
     lines += _table(["stage", "units", "unit minutes (sum)", "first start", "last finish",
                      "mean load avg"], stage_rows(run))  # fmt: skip

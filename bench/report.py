@@ -644,7 +644,7 @@ def build(results: Path, doc: Path, img_dir: Path) -> Path:
         "",
     ]
     if power_map is not None:
-        lines += map_report.section(power_map, img_dir, doc.parent)
+        lines += map_report.section(power_map, img_dir, doc.parent, results)
     if not runs and power_map is None:
         lines += ["No results yet: run `make bench` or `make bench-quick`.", ""]
         doc.write_text("\n".join(lines))

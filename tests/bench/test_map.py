@@ -136,3 +136,23 @@ def test_smoke_map_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     assert "fmnist-tiny/probe/radioactive/q10/s0" in text
     assert (img / "map-log10p.png").stat().st_size > 0
     assert map_report.latest_map(out) is not None
+
+
+def test_a_unit_computed_by_a_live_process_is_left_alone(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "unit"
+    out.mkdir()
+    assert not bmap.busy_elsewhere(out)  # no pid file: a partial attempt, redone
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / bmap.PID_FILE).write_text(f"{p.pid}\n")
+        assert bmap.busy_elsewhere(out)
+        (out / "result.json").write_text("{}")
+        assert not bmap.busy_elsewhere(out)  # done
+        (out / "result.json").unlink()
+    finally:
+        p.kill()
+        p.wait()
+    assert not bmap.busy_elsewhere(out)  # its process is gone: redone from scratch

@@ -93,7 +93,7 @@ MAP: dict[str, Any] = {
     # variants of one data set share it
     "markers": {
         "fmnist": {"variant": "fmnist-20k", "epochs": 4},
-        "glyphs1000": {"variant": "glyphs1000-60k", "epochs": 4},
+        "glyphs1000": {"variant": "glyphs1000-60k", "epochs": 6},
         "glyphs100": {"variant": "glyphs100-20k", "epochs": 5},
         "glyphs10": {"variant": "glyphs10-20k", "epochs": 3},
     },
@@ -128,7 +128,7 @@ MAP: dict[str, Any] = {
         },
         {
             "variant": "glyphs1000-60k",
-            "regimes": {"scratch": 3},
+            "regimes": {"scratch": 6},
             "q": [0, 0.01],
             "seeds": [0, 1],
             "control_seeds": [0],

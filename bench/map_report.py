@@ -89,12 +89,25 @@ def _own(cell: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _rows(run: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(variant, regime, method) in the configuration's variant order, then regime order."""
     out: list[tuple[str, str, str]] = []
     for c in run["cells"]:
         k = (c["variant"], c["regime"], c["method"])
         if k not in out:
             out.append(k)
-    return out
+    variants = list(run["config"]["variants"])
+    regimes = list(REGIME_LABEL)
+    methods = list(run["config"].get("methods", []))
+
+    def order(k: tuple[str, str, str]) -> tuple[int, int, int]:
+        v, r, m = k
+        return (
+            variants.index(v) if v in variants else len(variants),
+            regimes.index(r) if r in regimes else len(regimes),
+            methods.index(m) if m in methods else len(methods),
+        )
+
+    return sorted(out, key=order)
 
 
 def _variant_label(run: dict[str, Any], variant: str) -> str:

@@ -52,6 +52,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -476,9 +477,12 @@ def build_plan(cfg: dict[str, Any]) -> Plan:
         if cell.q != 0 or cell.method != cfg["methods"][0]:
             continue
         uid = f"null/{cell.suspect.split('/', 1)[1]}"
-        marks = [d for v in cell.verifies for d in units[v].deps if d.startswith("marking/")]
-        if not marks:
+        keyed = [d for v in cell.verifies for d in units[v].deps if d.startswith("marking/")]
+        if not keyed:
             continue
+        # the lowest-q record (marker, d, C for the white-box and pull-back nulls) and every kit
+        # (the conditional kit null); not the other records, so no null waits for a long marking
+        marks = [keyed[0]] + [d for d in keyed[1:] if units[d].spec["kit"]]
         c = variant_classes(cfg, cell.variant)
         # more keys for the pull-back test's KS question where a key is cheap (C <= 100)
         more = cfg["pullback_keys"] if c <= cfg["pullback_keys_max_classes"] else 0
@@ -1128,7 +1132,17 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": args.jobs, "threads": args.threads, "loadavg_start": list(os.getloadavg()),
         }  # fmt: skip
         t0 = time.perf_counter()
-        out = schedule(plan, work, uids, args.jobs, args.threads)
+
+        def _stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            out = schedule(plan, work, uids, args.jobs, args.threads)
+        except KeyboardInterrupt:
+            # units already started keep running (their pid files make a later run wait)
+            out = {"ran": [], "failed": {"(session)": "interrupted"}}
+            session["note"] = "interrupted (SIGTERM / Ctrl-C)"
         session.update(finished=_now(), seconds=time.perf_counter() - t0,
                        loadavg_end=list(os.getloadavg()), ran=len(out["ran"]),
                        failed=out["failed"])  # fmt: skip

@@ -944,7 +944,7 @@ def schedule(plan: Plan, work: Path, uids: list[str], jobs: int, threads: int) -
             (u for u in todo if ready(u) and u not in elsewhere),
             key=lambda u: (plan.units[u].priority, -chain[u]),
         )
-        while launchable and len(running) < jobs:
+        while launchable and len(running) + len(elsewhere) < jobs:  # the cores are shared
             uid = launchable.pop(0)
             todo.discard(uid)
             log = (work / "logs" / (uid.replace("/", "_") + ".log")).open("ab")

@@ -35,11 +35,15 @@ format: $(STAMP)
 	$(BIN)/ruff format radmark tests bench
 	$(BIN)/ruff check --fix radmark tests bench
 
+# the few-minute smoke test of the whole chain (2,000 images): says nothing about power
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
+# the power map on CPU (bench/map.py): about 5 core-hours (2-3 h on 2 idle cores), resumable (rerun to continue),
+# one stage with `python -m bench.map --stage NAME`; writes bench/results/map-*.json and
+# docs/benchmarks.md
 bench: $(STAMP)
-	$(BIN)/python -m bench.run --full $(BENCH_ARGS)
+	$(BIN)/python -m bench.map $(BENCH_ARGS)
 
 # The GPU run (issue #14): prepare what the offline GPU machine lacks here, then run
 # `bash bench/gpu.sh` there (it is what `make bench-gpu` runs; at most 8 minutes on one H100).

@@ -1,7 +1,11 @@
 """The benchmark (docs/../shared/spec/benchmarks.md): real data, suspects from scratch, the null checked.
 
-    python -m bench.run --quick   # CPU, reduced: a Fashion-MNIST subset and a small CNN
-    python -m bench.run --full    # GPU: the whole protocol (ResNet-18 marker, six fractions, ...)
+    python -m bench.run --quick   # CPU smoke test of the chain (make bench-quick): 2,000 images
+    python -m bench.run --full    # GPU: the single-run protocol (ResNet-18 marker, six fractions)
+
+The quick mode is a few-minute smoke test: it checks that every step runs and that the null is
+calibrated, and says nothing about detection power. The benchmark that answers "will radmark
+detect a model trained on my data?" is the power map, ``make bench`` (``bench/map.py``).
 
 Everything goes through the project's own shard writer and then only through the ``radmark`` CLI
 (keygen, marker train, mark, verify) and the bench's suspect trainer, each run as a subprocess whose
@@ -450,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     dev = ["--device", device]
 
     _log(f"{mode_name} run {run_id} on {res['device']}, work dir {work}")
+    if args.quick:
+        _log(
+            "quick mode: a few-minute smoke test of the whole chain (2,000 images); it says "
+            "nothing about detection power. The power map is `make bench` (python -m bench.map)."
+        )
     t = time.perf_counter()
     res["data"] = prepare_data(cfg, args.data, work, args.seed, install=args.install)
     res["data"]["seconds"] = time.perf_counter() - t

@@ -1,10 +1,17 @@
 """The benchmark's suspects: models trained by someone who (maybe) used the marked data.
 
-Not part of radmark's CLI: this plays the role of the data user. Two recipes:
+Not part of radmark's CLI: this plays the role of the data user. Three recipes:
 
 - ``--arch A``: train architecture A from scratch on the (marked or clean) training shards with
-  :func:`radmark.marker.train_classifier` (SGD + Nesterov momentum, one-cycle schedule, random
-  crop with 4 px reflect padding and horizontal flip), a different seed than the marker's.
+  the recipe of :func:`radmark.models.training.train_classifier` (SGD + Nesterov momentum,
+  weight decay 5e-4, one-cycle schedule, random crop with 4 px reflect padding), re-implemented
+  here so that the augmentation can follow the data: ``--aug crop+flip`` (the default, natural
+  images such as Fashion-MNIST; bit-identical to ``train_classifier``, a test checks it) or
+  ``--aug crop`` (glyphs: a mirrored character is another character, or none).
+- ``--finetune MARKER``: the data user fine-tunes a public backbone that the owner also used as
+  marker: every layer starts from MARKER's weights (its input normalisation kept), the final
+  linear layer is re-initialised, and the whole network is trained with the same recipe (a lower
+  ``--lr``, default 0.01, and fewer epochs).
 - ``--linear-probe MARKER``: the paper's easiest setting. The marker's feature extractor is frozen
   (eval mode, batch-norm statistics included) and only its final linear layer is re-initialised
   and trained (cross-entropy, Adam, mini-batches) on the marker's features of the training images,
@@ -12,9 +19,14 @@ Not part of radmark's CLI: this plays the role of the data user. Two recipes:
   ``radmark verify`` loads it like any other suspect.
 
 Either way the model is written as safetensors with :func:`radmark.models.save_model`, and a JSON
-sidecar ``<out>.json`` holds its test accuracy on ``--test`` shards, train accuracy and timings.
+sidecar ``<out>.json`` holds its test accuracy on ``--test`` shards, its train accuracy measured
+the same way (eval mode, no augmentation, on up to ``--train-eval`` training images: the
+membership-style signals the tests look for grow with the train-test gap), the running accuracy
+of the last epoch, and timings.
 
     python -m bench.train_suspect TRAIN_SHARDS --test TEST_SHARDS --arch smallcnn --out S.safetensors
+    python -m bench.train_suspect TRAIN_SHARDS --test TEST_SHARDS --arch smallcnn --aug crop --out S.safetensors
+    python -m bench.train_suspect TRAIN_SHARDS --test TEST_SHARDS --finetune M.safetensors --out S.safetensors
     python -m bench.train_suspect TRAIN_SHARDS --test TEST_SHARDS --linear-probe M.safetensors --out S.safetensors
 """
 
@@ -29,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+AUGMENTATIONS = ("crop+flip", "crop", "none")
+
 
 def _accuracy(logits_fn: Any, images: np.ndarray, labels: np.ndarray, device: str) -> float:
     import torch
@@ -42,6 +56,113 @@ def _accuracy(logits_fn: Any, images: np.ndarray, labels: np.ndarray, device: st
     return correct / max(int(labels.shape[0]), 1)
 
 
+def _train_eval_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Indices of at most ``limit`` training images (a seeded random subset, sorted)."""
+    n = int(labels.shape[0])
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def accuracies(
+    logits_fn: Any, train: Any, test: Any, *, device: str, train_eval: int, seed: int
+) -> dict[str, float]:
+    """Train and test accuracy measured the same way (eval mode, no augmentation), and the gap."""
+    idx = _train_eval_subset(train.labels, train_eval, seed)
+    tr = _accuracy(logits_fn, train.images[idx], train.labels[idx], device)
+    te = _accuracy(logits_fn, test.images, test.labels, device)
+    return {
+        "train_accuracy": tr,
+        "test_accuracy": te,
+        "train_test_gap": tr - te,
+        "train_eval_images": int(idx.size),
+    }
+
+
+def _crop(x: Any, gen: Any, *, flip: bool, pad: int = 4) -> Any:
+    """Random translation by up to ``pad`` pixels (reflect padding), then (``flip``) a horizontal
+    flip with probability 1/2, per image; x float [B, C, H, W].
+
+    The random draws are those of ``radmark.models.training._crop_flip`` in the same order, so
+    with ``flip`` the recipe is the library's, bit for bit.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).to(x.device)
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(x.device)
+    out = xp[
+        torch.arange(b, device=x.device).view(b, 1, 1), :, rows.view(b, h, 1), cols.view(b, 1, w)
+    ].permute(0, 3, 1, 2)
+    if not flip:
+        return out
+    mirrored = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+    return torch.where(mirrored.view(b, 1, 1, 1), out.flip(3), out)
+
+
+def fit(
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    mean: Any,
+    std: Any,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    gen: Any,
+    device: str,
+    aug: str,
+    weight_decay: float = 5e-4,
+) -> float:
+    """SGD + Nesterov momentum 0.9, one-cycle (15% warm-up), the given augmentation: the loop of
+    ``train_classifier``. ``images`` uint8 [N, C, H, W]; ``mean``/``std`` float tensors [C] (pixel
+    units in [0, 1]). Returns the running train accuracy of the last epoch (augmented)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    if aug not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {aug!r}; choose one of {AUGMENTATIONS}")
+    n = images.shape[0]
+    x_all = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    y_all = torch.from_numpy(np.asarray(labels))
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
+    )
+    steps_per_epoch = math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+    m_dev, s_dev = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
+    correct = total = 0
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        correct = total = 0
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            x = x_all[idx].to(device)
+            y = y_all[idx].to(device)
+            if aug != "none":
+                x = _crop(x, gen, flip=aug == "crop+flip")
+            logits = model((x - m_dev) / s_dev)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            correct += int((logits.argmax(1) == y).sum())
+            total += int(y.numel())
+    model.eval()
+    return correct / max(total, 1)
+
+
 def train_from_scratch(
     train: Any,
     test: Any,
@@ -53,50 +174,140 @@ def train_from_scratch(
     seed: int,
     device: str,
     out: Path,
+    aug: str = "crop+flip",
+    train_eval: int = 10_000,
 ) -> dict[str, Any]:
+    """``arch`` from scratch, as ``train_classifier`` builds and normalises it."""
     import torch
 
     from radmark.models import save_model
-    from radmark.models.training import train_classifier
+    from radmark.models.registry import build_model
 
     num_classes = int(max(train.num_classes_seen, test.num_classes_seen))
     t0 = time.perf_counter()
-    model, mean, std, train_acc, small_stem = train_classifier(
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    _, c, h, w = train.images.shape
+    small_stem = arch.startswith("resnet") and max(h, w) <= 64
+    model = build_model(arch, num_classes, small_stem=small_stem, in_chans=c).to(device)
+    x_all = torch.from_numpy(np.ascontiguousarray(train.images)).float().div_(255.0)
+    mean = x_all.mean(dim=(0, 2, 3))
+    std = x_all.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    del x_all
+    running = fit(
+        model,
         train.images,
         train.labels,
-        arch=arch,
-        num_classes=num_classes,
+        mean=mean,
+        std=std,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
-        seed=seed,
+        gen=gen,
         device=device,
+        aug=aug,
     )
     seconds = time.perf_counter() - t0
-    model.eval()
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    acc = _accuracy(lambda x: model((x - m) / s), test.images, test.labels, device)
+    m = mean.view(1, -1, 1, 1).to(device)
+    s = std.view(1, -1, 1, 1).to(device)
+    acc = accuracies(
+        lambda x: model((x - m) / s), train, test, device=device, train_eval=train_eval, seed=seed
+    )
     sha = save_model(
         model.cpu(),
         out,
         arch=arch,
         num_classes=num_classes,
         small_stem=small_stem,
-        mean=mean,
-        std=std,
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
         extra={"radmark.trained_by": "bench.train_suspect"},
     )
     return {
         "kind": "scratch",
         "arch": arch,
         "small_stem": bool(small_stem),
+        "aug": aug,
         "epochs": epochs,
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
-        "train_accuracy": train_acc,
-        "test_accuracy": acc,
+        **acc,
+        "train_accuracy_running": running,
+        "train_seconds": seconds,
+        "sha256": sha,
+        "train_images": int(train.images.shape[0]),
+        "train_images_per_s": epochs * train.images.shape[0] / max(seconds, 1e-9),
+    }
+
+
+def finetune(
+    train: Any,
+    test: Any,
+    *,
+    marker_path: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str,
+    out: Path,
+    aug: str = "crop+flip",
+    train_eval: int = 10_000,
+) -> dict[str, Any]:
+    """Every layer from the marker's weights, a fresh head, the whole network trained."""
+    import torch
+
+    from radmark.models import load_model, save_model
+
+    marker = load_model(marker_path, device=device)
+    net = marker.model
+    for p in net.parameters():
+        p.requires_grad_(True)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    marker.head.linear.reset_parameters()  # the user's own task head, trained on their data
+    mean = torch.tensor(marker.mean, dtype=torch.float32)
+    std = torch.tensor(marker.std, dtype=torch.float32)
+    running = fit(
+        net,
+        train.images,
+        train.labels,
+        mean=mean,
+        std=std,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        gen=gen,
+        device=device,
+        aug=aug,
+    )
+    seconds = time.perf_counter() - t0
+    for p in net.parameters():
+        p.requires_grad_(False)
+    acc = accuracies(marker.logits, train, test, device=device, train_eval=train_eval, seed=seed)
+    sha = save_model(
+        net.cpu(),
+        out,
+        arch=marker.arch,
+        num_classes=marker.num_classes,
+        small_stem=marker.metadata.get("radmark.small_stem", "0") == "1",
+        mean=marker.mean,
+        std=marker.std,
+        extra={"radmark.trained_by": "bench.train_suspect --finetune"},
+    )
+    return {
+        "kind": "finetune",
+        "arch": marker.arch,
+        "marker": marker_path,
+        "aug": aug,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        **acc,
+        "train_accuracy_running": running,
         "train_seconds": seconds,
         "sha256": sha,
         "train_images": int(train.images.shape[0]),
@@ -115,6 +326,7 @@ def train_linear_probe(
     seed: int,
     device: str,
     out: Path,
+    train_eval: int = 10_000,
 ) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -165,7 +377,14 @@ def train_linear_probe(
     seconds = time.perf_counter() - t0
     for p in params:
         p.requires_grad_(False)
-    acc = _accuracy(lambda x: linear(marker.features(x)), test.images, test.labels, device)
+    acc = accuracies(
+        lambda x: linear(marker.features(x)),
+        train,
+        test,
+        device=device,
+        train_eval=train_eval,
+        seed=seed,
+    )
     meta = marker.metadata
     sha = save_model(
         net.cpu(),
@@ -185,8 +404,8 @@ def train_linear_probe(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
-        "train_accuracy": correct / max(total, 1),
-        "test_accuracy": acc,
+        **acc,
+        "train_accuracy_running": correct / max(total, 1),
         "train_seconds": seconds,
         "sha256": sha,
         "train_images": int(train.images.shape[0]),
@@ -194,19 +413,30 @@ def train_linear_probe(
 
 
 def main(argv: list[str] | None = None) -> int:
+    print(json.dumps(train(argv)))
+    return 0
+
+
+def train(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse the command line, train, write the model and its sidecar; the sidecar's content."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("shards", nargs="+", help="training shards (files or directories)")
     ap.add_argument("--test", action="append", required=True, help="test shards (accuracy)")
     ap.add_argument("--out", required=True, type=Path, help="model file (.safetensors)")
     kind = ap.add_mutually_exclusive_group(required=True)
     kind.add_argument("--arch", help="train this architecture from scratch")
+    kind.add_argument("--finetune", metavar="MARKER", help="fine-tune every layer of MARKER")
     kind.add_argument("--linear-probe", metavar="MARKER", help="train only the head on MARKER")
+    ap.add_argument("--aug", choices=AUGMENTATIONS, default="crop+flip", help="augmentation")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=None, help="default 0.05 (SGD) / 0.01 (probe)")
+    ap.add_argument("--lr", type=float, default=None, help="default 0.05 / 0.01 (fine-tune, probe)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument(
+        "--train-eval", type=int, default=10_000, help="training images for the train accuracy"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -219,40 +449,50 @@ def main(argv: list[str] | None = None) -> int:
     train = load_labelled_images(args.shards)
     test = load_labelled_images(args.test)
     load_s = time.perf_counter() - t0
+    common = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "device": args.device,
+        "out": args.out,
+        "train_eval": args.train_eval,
+    }
     if args.arch:
         info = train_from_scratch(
             train,
             test,
             arch=args.arch,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
             lr=args.lr if args.lr is not None else 0.05,
-            seed=args.seed,
-            device=args.device,
-            out=args.out,
+            aug=args.aug,
+            **common,
+        )
+    elif args.finetune:
+        info = finetune(
+            train,
+            test,
+            marker_path=args.finetune,
+            lr=args.lr if args.lr is not None else 0.01,
+            aug=args.aug,
+            **common,
         )
     else:
         info = train_linear_probe(
             train,
             test,
             marker_path=args.linear_probe,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
             lr=args.lr if args.lr is not None else 0.01,
-            seed=args.seed,
-            device=args.device,
-            out=args.out,
+            **common,
         )
     info.update(
         path=str(args.out),
         load_seconds=load_s,
         test_images=int(test.images.shape[0]),
+        threads=torch.get_num_threads(),
         command=[sys.executable, "-m", "bench.train_suspect", *(argv or sys.argv[1:])],
     )
     sidecar = args.out.with_suffix(args.out.suffix + ".json")
     sidecar.write_text(json.dumps(info, indent=1) + "\n")
-    print(json.dumps(info))
-    return 0
+    return info
 
 
 if __name__ == "__main__":

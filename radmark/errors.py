@@ -55,6 +55,11 @@ class ShardError(InputError):
         self.reason = message
 
 
+class ImageTooLarge(ShardError):
+    """An image over the pixel limit: a type of its own so the marking pipeline can name the
+    option that raises the limit without reading the message text."""
+
+
 class ModelError(InputError):
     """A model file or spec cannot be loaded safely or does not fit the key."""
 

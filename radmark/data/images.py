@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, JpegImagePlugin, PngImagePlugin
 
 from radmark.data.samples import Sample, one_line
-from radmark.errors import ShardError
+from radmark.errors import ImageTooLarge, ShardError
 
 # PIL decoders we allow. Restricting Image.open to the formats behind IMAGE_EXTS keeps exotic
 # plugins (EPS shells out to Ghostscript, for instance) away from untrusted bytes.
@@ -98,7 +98,7 @@ def read_image(
             if width <= 0 or height <= 0:
                 raise ShardError(shard, f"image has an empty size {width}x{height}", key)
             if width * height > max_pixels:
-                raise ShardError(
+                raise ImageTooLarge(
                     shard,
                     f"image too large ({width}x{height} pixels; at most {max_pixels} allowed)",
                     key,
@@ -129,9 +129,9 @@ def read_image(
     except ShardError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ShardError(shard, f"image too large ({one_line(str(exc), 120)})", key) from None
+        raise ImageTooLarge(shard, f"image too large ({one_line(str(exc), 120)})", key) from None
     except MemoryError:
-        raise ShardError(shard, "image too large (out of memory while decoding)", key) from None
+        raise ImageTooLarge(shard, "image too large (out of memory while decoding)", key) from None
     except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error,
             EOFError, IndexError, KeyError, TypeError, ZeroDivisionError) as exc:  # fmt: skip
         detail = one_line(str(exc), 120) or type(exc).__name__

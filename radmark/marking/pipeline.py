@@ -45,7 +45,7 @@ from radmark.data.images import ImageInfo, encode_like, parse_label, read_image
 from radmark.data.samples import Sample, name_bytes, printable
 from radmark.data.sources import iter_samples
 from radmark.data.writer import sha256_file, write_shard
-from radmark.errors import InputError, ModelError, ShardError
+from radmark.errors import ImageTooLarge, InputError, ModelError, ShardError
 from radmark.keys.keypair import pixel_digest, selection_digest
 from radmark.marking.manifest import ShardReport
 from radmark.marking.selection import is_selected
@@ -178,7 +178,7 @@ class _ShardMarker:
             )
         except ShardError as exc:
             if job.on_error != "skip":
-                if "image too large" in exc.reason:
+                if isinstance(exc, ImageTooLarge):
                     raise ShardError(
                         self.url, f"{exc.reason}; raise --max-batch-pixels", sample.key
                     ) from None

@@ -385,7 +385,7 @@ class Masters:
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two data units may save at once
         with open(tmp, "wb") as fh:
             np.savez_compressed(
                 fh, bits=np.packbits(self.bits, axis=-1), meta=np.array(json.dumps(meta))

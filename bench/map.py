@@ -64,6 +64,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("data", "markers", "marking", "suspects", "verify", "null", "report")
+# Part of every verify and null unit's key: a change to how radmark computes a test's statistic
+# must change this, so that cached verdicts of the older code are not reported as the new one's.
+# (White-box rows fitted leave-class-out since issue #17's fix; the earlier cache used one fit.)
+TESTS_VERSION = {"white_box_alignment": "leave-class-out"}
 KIND_OF_STAGE = {
     "data": "data",
     "markers": "marker",
@@ -468,7 +472,7 @@ def build_plan(cfg: dict[str, Any]) -> Plan:
             uid = f"verify/{cell.suspect.split('/', 1)[1]}@{cell.method}.{qname(mk.spec['q'])}"
             deps = [cell.suspect, mk.uid, data_unit(cell.variant, cell.priority).uid]
             deps.append(marker_unit(cell.variant, cell.priority).uid)
-            v = add(Unit("verify", uid, {"black_box": bool(mk.spec["kit"])}, deps,
+            v = add(Unit("verify", uid, {"black_box": bool(mk.spec["kit"]), **TESTS_VERSION}, deps,
                          cell.priority, 10 + c / 20))  # fmt: skip
             cell.verifies.append(v.uid)
     # null: every control against fresh keys (a real record of its variant for marker, d and
@@ -486,7 +490,7 @@ def build_plan(cfg: dict[str, Any]) -> Plan:
         c = variant_classes(cfg, cell.variant)
         # more keys for the pull-back test's KS question where a key is cheap (C <= 100)
         more = cfg["pullback_keys"] if c <= cfg["pullback_keys_max_classes"] else 0
-        spec = {"keys": cfg["null_keys"], "pullback_keys": more}
+        spec = {"keys": cfg["null_keys"], "pullback_keys": more, **TESTS_VERSION}
         deps = [cell.suspect, data_unit(cell.variant, cell.priority).uid, *marks]
         add(Unit("null", uid, spec, deps, cell.priority + 1, 20 + c / 10))
     return Plan(cfg, units, cells)

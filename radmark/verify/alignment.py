@@ -22,7 +22,7 @@ import numpy as np
 
 from radmark.errors import InputError, UsageError
 
-__all__ = ["Alignment", "fit_alignment", "map_classifier"]
+__all__ = ["Alignment", "crossfit_rows", "fit_alignment", "map_classifier"]
 
 
 @dataclass(frozen=True)
@@ -180,3 +180,64 @@ def map_classifier(weight: np.ndarray, alignment: Alignment) -> np.ndarray:
             "the alignment carries no information for it (check the probe set and R²)"
         )
     return mapped / norms[:, None]
+
+
+def crossfit_rows(
+    weight: np.ndarray,
+    f_marker: np.ndarray,
+    f_suspect: np.ndarray,
+    labels: np.ndarray,
+    *,
+    center: bool = False,
+) -> np.ndarray:
+    """Row c of ``W_s Xᵀ`` with ``X`` fitted on every probe image but those labelled c; unit rows.
+
+    Why: a probe holding images marked with the key under test makes a fit on all of it depend on
+    the carriers (issue #17, measured in docs/method.md). Each image is marked along its own
+    label's carrier only and carriers are independent across classes, so the map that row c goes
+    through never saw an image moved along u_c, and cos(row c, u_c) keeps its exact null whatever
+    the probe holds, as long as the labels are the ones the images were marked with. One d×d solve
+    per class from the downdated normal equations (no ridge: each fit must stay overdetermined;
+    features dead on the whole probe are left out, as the full fit's minimum-norm solution does).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    fm = _as_features(f_marker, "marker features")
+    fs = _as_features(f_suspect, "suspect features")
+    y = np.asarray(labels)
+    n, d_m = fm.shape
+    if fs.shape[0] != n or y.shape != (n,):
+        raise UsageError(f"{n} marker rows, {fs.shape[0]} suspect rows, {y.shape} labels")
+    if w.ndim != 2 or w.shape[1] != fs.shape[1]:
+        raise UsageError(f"classifier weight has shape {w.shape}, features d={fs.shape[1]}")
+    if not np.isfinite(w).all():
+        raise InputError("the suspect's classifier weight contains NaN or inf")
+    live = np.flatnonzero(np.any(fm != 0.0, axis=0))  # dead features: 0 in the min-norm fit
+    fm = fm[:, live]
+    gram, cross = fm.T @ fm, fm.T @ fs
+    sum_m, sum_s = fm.sum(axis=0), fs.sum(axis=0)
+    rows = np.zeros((w.shape[0], d_m))
+    for c in range(w.shape[0]):
+        own = y == c
+        keep = n - int(own.sum())
+        if keep - (1 if center else 0) <= d_m:
+            raise InputError(
+                f"without the {n - keep} probe images of class {c}, {keep} are left for d={d_m}: "
+                "the leave-class-out alignment needs well above d images outside every class"
+            )
+        a, b = fm[own], fs[own]
+        g, x = gram - a.T @ a, cross - a.T @ b
+        if center:
+            m_m, m_s = sum_m - a.sum(axis=0), sum_s - b.sum(axis=0)
+            g, x = g - np.outer(m_m, m_m) / keep, x - np.outer(m_m, m_s) / keep
+        rhs = x @ w[c]
+        try:  # = X_c w_c, row c of W_s X_cᵀ; the minimum-norm one, as lstsq gives the full fit
+            rows[c, live] = np.linalg.solve(g, rhs)
+        except np.linalg.LinAlgError:  # rank-deficient without class c
+            rows[c, live] = np.linalg.lstsq(g, rhs, rcond=None)[0]
+    norms = np.linalg.norm(rows, axis=1)
+    zero = np.flatnonzero(~(norms > 1e-300))
+    if zero.size:
+        raise InputError(
+            f"class {int(zero[0])}'s classifier row maps to zero in the marker's space"
+        )
+    return rows / norms[:, None]

@@ -131,6 +131,31 @@ class Evidence:
 
         return self._once(("alignment", record.marker.id), make)
 
+    def mapped_rows(self, record: MarkRecord) -> np.ndarray:
+        """The suspect's class rows in the marker's space, unit norm, [C, d] (white-box test).
+
+        Fitted leave-class-out when the probe is labelled (``alignment.crossfit_rows``), so that
+        marked images that reach the probe unseen by the guard (re-encoded, say) cannot bias
+        the test; with an unlabelled probe, the one full fit, and a note saying so.
+        """
+        from radmark.verify.alignment import crossfit_rows, map_classifier
+
+        def make() -> np.ndarray:
+            al = self.alignment(record)  # quality checks and R², also for the report
+            labels = self.require_probe("the white-box test").labels
+            if labels is None:
+                self.note(
+                    "probe unlabelled: the white-box alignment is one fit on the whole probe, "
+                    "which images marked with the key under test would bias (docs/method.md)"
+                )
+                return map_classifier(self.suspect_weight(), al)
+            return crossfit_rows(
+                self.suspect_weight(), self.marker_features(record), self.suspect_features(),
+                labels, center=self.settings.center,
+            )  # fmt: skip
+
+        return self._once(("mapped-rows", record.marker.id), make)
+
     def suspect_weight(self) -> np.ndarray:
         """The suspect's classifier weight, float64 [C, d_s]."""
         return self._once(("weight",), lambda: self.suspect.weight().numpy())

@@ -5,7 +5,9 @@ X = argmin ‖F_m X − F_s‖; the suspect's classifier mapped into φ's space,
 normalised); per class c_k = W̃_k·u_k, whose exact null (any model that never saw the secret
 carriers) is the cosine of a fixed vector with a uniform random direction in R^d; classes
 combined with Fisher. The randomness is in the carriers, so the test is exact for any model,
-clean or not, provided the model and the probe set are independent of the key.
+clean or not, provided the model and the probe set are independent of the key. With a labelled
+probe, row k is mapped by a fit that leaves out the probe images of class k (issue #17), so
+images marked with the key that reach the probe are harmless too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from radmark.keys.carriers import derive_carriers
-from radmark.verify.alignment import map_classifier
 from radmark.verify.statistics import fisher_log_sf, log_cosine_sf, log_normal_sf, zscore
 from radmark.verify.tests import TestResult, register_test
 
@@ -35,11 +36,8 @@ def carriers_for(record: MarkRecord, key: SecretKey) -> np.ndarray:
 
 def mapped_cosines(evidence: Evidence, record: MarkRecord, key: SecretKey) -> np.ndarray:
     """c_k = W̃_k · u_k for every class: float64 [C] (key-independent parts cached)."""
-    w_tilde = evidence._once(
-        ("w_tilde", record.marker.id),
-        lambda: map_classifier(evidence.suspect_weight(), evidence.alignment(record)),
-    )
-    return np.sum(w_tilde * carriers_for(record, key).astype(np.float64), axis=1)
+    rows = evidence.mapped_rows(record)
+    return np.sum(rows * carriers_for(record, key).astype(np.float64), axis=1)
 
 
 def fisher_cosine_test(

@@ -203,3 +203,29 @@ def test_null_calibration_1000_random_keys(e2e: dict[str, Any], model: str) -> N
     assert 1 <= below <= 22  # Binomial(1000, 0.01)
     assert 65 <= int(np.sum(p < 0.1)) <= 135  # Binomial(1000, 0.1): ±3.7 sd
     assert p.min() > 1e-7  # nothing near the marked model's own-key level
+
+
+def test_white_box_rows_leave_each_class_out_and_fall_back_without_labels(
+    e2e: dict[str, Any],
+) -> None:
+    """A labelled probe: row k is fitted without class k's probe images (issue #17); an
+    unlabelled probe: the one full fit, and a note in the report says what that risks."""
+    import dataclasses
+
+    from radmark.verify.alignment import crossfit_rows, map_classifier
+
+    evidence, record, _key = _evidence(e2e, "suspect")
+    assert evidence.probe is not None and evidence.probe.labels is not None
+    np.testing.assert_allclose(
+        evidence.mapped_rows(record),
+        crossfit_rows(evidence.suspect_weight(), evidence.marker_features(record),
+                      evidence.suspect_features(), evidence.probe.labels),
+    )  # fmt: skip
+    assert not any("probe unlabelled" in n for n in evidence.notes)
+    bare, _, _ = _evidence(e2e, "suspect")
+    assert bare.probe is not None
+    bare.probe = dataclasses.replace(bare.probe, labels=None)
+    np.testing.assert_allclose(
+        bare.mapped_rows(record), map_classifier(bare.suspect_weight(), bare.alignment(record))
+    )
+    assert any("probe unlabelled" in n for n in bare.notes)

@@ -1,0 +1,41 @@
+"""README's limits quote the power map: every number there is read back from the result file it
+names, so the README cannot claim what the map did not measure (issue #14 / #16)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: (cell, key's q, test or "combined", the text README shows)
+CLAIMS = [
+    ("fmnist-60k/scratch/radioactive/q1/s0", "q1", "combined", "−1.78"),
+    ("fmnist-60k/scratch/radioactive/q1/s1", "q1", "combined", "−0.38"),
+    ("fmnist-60k/scratch/radioactive/q10/s0", "q10", "combined", "0.00"),
+    ("fmnist-60k/scratch/radioactive/q10/s1", "q10", "combined", "−2.17"),
+    ("fmnist-60k/scratch/radioactive/q0/s0", "q1", "combined", "−1.31"),
+    ("glyphs10-20k/scratch/radioactive/q10/s0", "q10", "combined", "−0.50"),
+    ("glyphs100-20k/scratch/radioactive/q10/s0", "q10", "combined", "−1.30"),
+    ("glyphs1000-60k/scratch/radioactive/q1/s0", "q1", "combined", "−0.43"),
+    ("glyphs1000-60k/scratch/radioactive/q1/s1", "q1", "combined", "−0.48"),
+    ("glyphs1000-20k/probe/radioactive/q10/s0", "q10", "combined", "−11.1"),
+    ("glyphs1000-20k/probe/radioactive/q10/s0", "q10", "white_box_fisher", "−2.1"),
+    ("glyphs1000-20k/probe/radioactive/q1/s0", "q1", "combined", "−1.5"),
+    ("glyphs1000-20k/probe/radioactive/q0/s0", "q1", "combined", "−1.2"),
+]
+
+
+def test_readme_map_numbers_are_the_result_files() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    (name,) = set(re.findall(r"bench/results/(map-\d{8}T\d{6}Z\.json)", readme))
+    run = json.loads((REPO / "bench" / "results" / name).read_text(encoding="utf-8"))
+    cells = {c["name"]: c for c in run["cells"]}
+    for cell, q, test, shown in CLAIMS:
+        v = cells[cell]["verify"][q]
+        value = v["log10_p"] if test == "combined" else v["tests"][test]
+        decimals = len(shown.split(".")[1])
+        assert f"{value:.{decimals}f}".replace("-", "−") in (shown, shown.replace("−", "")), (
+            cell, test, value)  # fmt: skip
+        assert shown in readme, shown

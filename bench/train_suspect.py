@@ -79,31 +79,6 @@ def accuracies(
     }
 
 
-def _crop(x: Any, gen: Any, *, flip: bool, pad: int = 4) -> Any:
-    """Random translation by up to ``pad`` pixels (reflect padding), then (``flip``) a horizontal
-    flip with probability 1/2, per image; x float [B, C, H, W].
-
-    The random draws are those of ``radmark.models.training._crop_flip`` in the same order, so
-    with ``flip`` the recipe is the library's, bit for bit.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    b, _, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).to(x.device)
-    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(x.device)
-    out = xp[
-        torch.arange(b, device=x.device).view(b, 1, 1), :, rows.view(b, h, 1), cols.view(b, 1, w)
-    ].permute(0, 3, 1, 2)
-    if not flip:
-        return out
-    mirrored = (torch.rand(b, generator=gen) < 0.5).to(x.device)
-    return torch.where(mirrored.view(b, 1, 1, 1), out.flip(3), out)
-
-
 def fit(
     model: Any,
     images: np.ndarray,
@@ -119,48 +94,18 @@ def fit(
     aug: str,
     weight_decay: float = 5e-4,
 ) -> float:
-    """SGD + Nesterov momentum 0.9, one-cycle (15% warm-up), the given augmentation: the loop of
-    ``train_classifier``. ``images`` uint8 [N, C, H, W]; ``mean``/``std`` float tensors [C] (pixel
-    units in [0, 1]). Returns the running train accuracy of the last epoch (augmented)."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
+    """The library's loop (``radmark.models.training.fit_epochs``, as ``train_classifier`` runs
+    it) with the data's augmentation by name: ``crop+flip``, ``crop`` (glyphs) or ``none``.
+    Returns the running train accuracy of the last epoch (augmented)."""
+    from radmark.models.training import fit_epochs
 
     if aug not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {aug!r}; choose one of {AUGMENTATIONS}")
-    n = images.shape[0]
-    x_all = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-    y_all = torch.from_numpy(np.asarray(labels))
-    opt = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
-    )
-    steps_per_epoch = math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
-    )
-    m_dev, s_dev = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
-    correct = total = 0
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        correct = total = 0
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = x_all[idx].to(device)
-            y = y_all[idx].to(device)
-            if aug != "none":
-                x = _crop(x, gen, flip=aug == "crop+flip")
-            logits = model((x - m_dev) / s_dev)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            correct += int((logits.argmax(1) == y).sum())
-            total += int(y.numel())
-    model.eval()
-    return correct / max(total, 1)
+    return fit_epochs(
+        model, images, labels, mean=mean, std=std, epochs=epochs, batch_size=batch_size, lr=lr,
+        gen=gen, device=device, weight_decay=weight_decay, crop=aug != "none",
+        flip=aug == "crop+flip",
+    )  # fmt: skip
 
 
 def train_from_scratch(

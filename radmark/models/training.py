@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,6 @@ def train_classifier(
     """Train ``arch`` from scratch on uint8 [N, C, H, W] images: SGD + momentum, cosine schedule,
     random crop (pad 4) and flip. Used by ``radmark marker train`` and by the benchmark."""
     import torch
-    import torch.nn.functional as F
 
     from radmark.models.registry import build_model
 
@@ -76,7 +76,65 @@ def train_classifier(
     x_all = torch.from_numpy(images).float().div_(255.0)
     mean = x_all.mean(dim=(0, 2, 3))
     std = x_all.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    y_all = torch.from_numpy(labels)
+    del x_all  # fit_epochs makes its own float copy
+    acc = fit_epochs(
+        model, images, labels, mean=mean, std=std, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, gen=gen, device=device, crop=augment, flip=augment,
+        progress=progress,
+    )  # fmt: skip
+    model.eval()
+    return model, tuple(mean.tolist()), tuple(std.tolist()), acc, small_stem
+
+
+def random_crop(x: Any, gen: Any, *, flip: bool, pad: int = 4) -> Any:
+    """Random translation by up to ``pad`` pixels (reflect padding), then (``flip``) a horizontal
+    flip with probability 1/2, per image; x float [B, C, H, W]. Glyphs are cropped, never
+    flipped: a mirrored character is another character."""
+    import torch
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).to(x.device)
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(x.device)
+    out = xp[
+        torch.arange(b, device=x.device).view(b, 1, 1), :, rows.view(b, h, 1), cols.view(b, 1, w)
+    ].permute(0, 3, 1, 2)
+    if not flip:
+        return out
+    mirrored = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+    return torch.where(mirrored.view(b, 1, 1, 1), out.flip(3), out)
+
+
+def fit_epochs(
+    model: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    mean: Any,
+    std: Any,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    gen: Any,
+    device: str,
+    weight_decay: float = 5e-4,
+    crop: bool = True,
+    flip: bool = True,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
+    """The one training loop (the marker's and the benchmark's suspects'): SGD + Nesterov
+    momentum 0.9, one-cycle (15% warm-up), optional random crop and flip. ``images`` uint8
+    [N, C, H, W]; ``mean``/``std`` float tensors [C] in [0, 1] pixel units. Returns the running
+    (augmented) train accuracy of the last epoch."""
+    import torch
+    import torch.nn.functional as F
+
+    n = images.shape[0]
+    x_all = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    y_all = torch.from_numpy(np.asarray(labels))
     opt = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True
     )
@@ -94,8 +152,8 @@ def train_classifier(
             idx = perm[i * batch_size : (i + 1) * batch_size]
             x = x_all[idx].to(device)
             y = y_all[idx].to(device)
-            if augment:
-                x = _crop_flip(x, gen)
+            if crop:
+                x = random_crop(x, gen, flip=flip)
             logits = model((x - m_dev) / s_dev)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -106,27 +164,7 @@ def train_classifier(
             total += int(y.numel())
         if progress is not None:
             progress(epoch + 1, correct / max(total, 1))
-    model.eval()
-    return model, tuple(mean.tolist()), tuple(std.tolist()), correct / max(total, 1), small_stem
-
-
-def _crop_flip(x, gen, pad: int = 4):
-    """Random translation by up to ``pad`` pixels (reflect padding) and horizontal flip, per image."""
-    import torch
-    import torch.nn.functional as F
-
-    b, _, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).to(x.device)
-    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).to(x.device)
-    out = xp[
-        torch.arange(b, device=x.device).view(b, 1, 1), :, rows.view(b, h, 1), cols.view(b, 1, w)
-    ]
-    out = out.permute(0, 3, 1, 2)
-    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
-    return torch.where(flip.view(b, 1, 1, 1), out.flip(3), out)
+    return correct / max(total, 1)
 
 
 def train_marker(

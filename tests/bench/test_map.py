@@ -18,9 +18,9 @@ import torch
 
 from bench import map as bmap
 from bench import map_report, report
-from bench.train_suspect import _crop, fit
+from bench.train_suspect import fit
 from radmark.models.registry import build_model
-from radmark.models.training import train_classifier
+from radmark.models.training import random_crop, train_classifier
 
 
 def test_fit_with_flip_is_train_classifier_bit_for_bit() -> None:
@@ -45,9 +45,9 @@ def test_crop_only_never_mirrors() -> None:
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
-        assert torch.equal(_crop(x, gen, flip=False, pad=0), x)
+        assert torch.equal(random_crop(x, gen, flip=False, pad=0), x)
     flipped = any(
-        not torch.equal(_crop(x, gen, flip=True, pad=0), x) for _ in range(20)
+        not torch.equal(random_crop(x, gen, flip=True, pad=0), x) for _ in range(20)
     )  # the control: with flip some draws mirror
     assert flipped
 

@@ -24,6 +24,9 @@ CLAIMS = [
     ("glyphs1000-20k/probe/radioactive/q10/s0", "q10", "white_box_fisher", "−2.1"),
     ("glyphs1000-20k/probe/radioactive/q1/s0", "q1", "combined", "−1.5"),
     ("glyphs1000-20k/probe/radioactive/q0/s0", "q1", "combined", "−1.2"),
+    ("glyphs1000-20k/finetune/radioactive/q10/s0", "q10", "combined", "−1.16"),
+    ("glyphs1000-20k/finetune/radioactive/q1/s0", "q1", "combined", "−1.52"),
+    ("glyphs1000-20k/finetune/radioactive/q0/s0", "q1", "combined", "−1.41"),
 ]
 
 

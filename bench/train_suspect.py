@@ -108,6 +108,19 @@ def fit(
     )  # fmt: skip
 
 
+def _run_fields(
+    epochs: int, batch_size: int, lr: float, seed: int, acc: dict[str, Any], running: float,
+    seconds: float, sha: str, train: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """What every suspect's sidecar records about its run, whatever the regime."""
+    n = int(train.images.shape[0])
+    return {
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, **acc,
+        "train_accuracy_running": running, "train_seconds": seconds, "sha256": sha,
+        "train_images": n, "train_images_per_s": epochs * n / max(seconds, 1e-9),
+    }  # fmt: skip
+
+
 def train_from_scratch(
     train: Any,
     test: Any,
@@ -173,16 +186,7 @@ def train_from_scratch(
         "arch": arch,
         "small_stem": bool(small_stem),
         "aug": aug,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        **acc,
-        "train_accuracy_running": running,
-        "train_seconds": seconds,
-        "sha256": sha,
-        "train_images": int(train.images.shape[0]),
-        "train_images_per_s": epochs * train.images.shape[0] / max(seconds, 1e-9),
+        **_run_fields(epochs, batch_size, lr, seed, acc, running, seconds, sha, train),
     }
 
 
@@ -247,16 +251,7 @@ def finetune(
         "arch": marker.arch,
         "marker": marker_path,
         "aug": aug,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        **acc,
-        "train_accuracy_running": running,
-        "train_seconds": seconds,
-        "sha256": sha,
-        "train_images": int(train.images.shape[0]),
-        "train_images_per_s": epochs * train.images.shape[0] / max(seconds, 1e-9),
+        **_run_fields(epochs, batch_size, lr, seed, acc, running, seconds, sha, train),
     }
 
 
@@ -345,15 +340,9 @@ def train_linear_probe(
         "kind": "linear_probe",
         "arch": marker.arch,
         "marker": marker_path,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        **acc,
-        "train_accuracy_running": correct / max(total, 1),
-        "train_seconds": seconds,
-        "sha256": sha,
-        "train_images": int(train.images.shape[0]),
+        **_run_fields(
+            epochs, batch_size, lr, seed, acc, correct / max(total, 1), seconds, sha, train
+        ),
     }
 
 

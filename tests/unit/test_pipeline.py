@@ -280,8 +280,9 @@ def test_images_above_the_pixel_cap_are_refused_whether_selected_or_not(
     world: dict[str, Path], tmp_path: Path, on_error: str
 ) -> None:
     secret, _ = load_secret_key(world["ks"], str(world["key"]), lambda: None)
-    shapes = [(28, 28, 1)] * 8
-    big = next(i for i in range(8) if not is_selected(secret.selection_seed(), f"{i:06d}", 0.5))
+    # the key is random: search far enough that an unselected id exists (all of 8 were once)
+    big = next(i for i in range(64) if not is_selected(secret.selection_seed(), f"{i:06d}", 0.5))
+    shapes = [(28, 28, 1)] * max(8, big + 1)
     shapes[big] = (40, 40, 1)
     shard = _noise_shard(tmp_path / "in" / "cap-000000.tar", shapes)
     if on_error == "fail":

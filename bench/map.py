@@ -184,6 +184,28 @@ MAP: dict[str, Any] = {
             "kit_q": [0.10],
             "priority": 1,
         },
+        # twin marks (issue #15) on the cells the issue names: the headline from scratch at
+        # full scale (two seeds; the control is the radioactive block's, shared), the second
+        # architecture and fine-tuning at 20k. 40 marker passes per marked image.
+        {
+            "variant": "fmnist-60k",
+            "methods": ["twins"],
+            "regimes": {"scratch": 3},
+            "q": [0, 0.01, 0.10],
+            "seeds": [0, 1],
+            "control_seeds": [0],
+            "kit_q": [],
+            "priority": 1,
+        },
+        {
+            "variant": "fmnist-20k",
+            "methods": ["twins"],
+            "regimes": {"finetune": 2, "cross": 2},
+            "q": [0, 0.10],
+            "seeds": [0],
+            "kit_q": [],
+            "priority": 1,
+        },
         # the ceiling: every image marked (20k x 100 marking steps: the costliest marking run)
         {
             "variant": "fmnist-20k",
@@ -194,7 +216,8 @@ MAP: dict[str, Any] = {
             "priority": 2,
         },
     ],  # fmt: skip
-    "methods": ["radioactive"],
+    # every method the blocks use, in report order; a block without "methods" uses the first
+    "methods": ["radioactive", "twins"],
     "deviations": [
         "headline cells at full data scale (60k train / 10k test); the rest at 20k training "
         "images (class-balanced subset) with the full 10k test split",
@@ -254,6 +277,15 @@ SMOKE: dict[str, Any] = {
             "priority": 0,
         },
         {
+            "variant": "fmnist-tiny",
+            "methods": ["twins"],
+            "regimes": {"scratch": 1},
+            "q": [0, 0.1],
+            "seeds": [0],
+            "kit_q": [],
+            "priority": 1,
+        },
+        {
             "variant": "glyphs-tiny",
             "regimes": {"cross": 1, "finetune": 1},
             "q": [0.5],
@@ -262,7 +294,7 @@ SMOKE: dict[str, Any] = {
             "priority": 1,
         },
     ],  # fmt: skip
-    "methods": ["radioactive"],
+    "methods": ["radioactive", "twins"],
     "deviations": ["smoke test: tiny sizes, 2 marking steps; says nothing about power"],
 }
 
@@ -358,6 +390,18 @@ def variant_aug(cfg: dict[str, Any], variant: str) -> str:
     return "crop+flip" if cfg["variants"][variant]["source"] == "fmnist" else "crop"
 
 
+def image_steps(cfg: dict[str, Any], method: str) -> int:
+    """Marker forward-backward passes per marked image: the preset's steps, times the number of
+    candidates for twins (each step moves every candidate)."""
+    from radmark.marking import presets, twins
+
+    override = cfg["mark"].get("steps")
+    if method == "twins":
+        p = twins.PRESETS[cfg["mark"]["preset"]]
+        return p.candidates * (override or p.steps)
+    return int(override or presets.PRESETS[cfg["mark"]["preset"]].steps)
+
+
 def variant_train_images(cfg: dict[str, Any], variant: str) -> int:
     n = cfg["variants"][variant].get("train")
     return 60_000 if n is None else int(n)
@@ -380,7 +424,6 @@ def build_plan(cfg: dict[str, Any]) -> Plan:
     bs = cfg["batch_size"]
     rate_train = {"smallcnn": 400.0, "slimresnet": 80.0}  # images/s of one core (estimates)
     rate_mark = 1100.0  # image-steps/s of one core through the small CNN (estimate)
-    steps = cfg["mark"].get("steps", 100)
 
     def data_unit(variant: str, prio: int) -> Unit:
         v = cfg["variants"][variant]
@@ -413,6 +456,7 @@ def build_plan(cfg: dict[str, Any]) -> Plan:
             kit = cfg["kit"].get(c) or cfg["kit"].get(str(c))
         spec = {"method": method, "q": q, "seed": seed, "kit": kit, **cfg["mark"]}
         n = variant_train_images(cfg, variant)
+        steps = image_steps(cfg, method)
         cost = 10 + n * q * steps / rate_mark
         if kit:
             cost += (kit["decoys"] + 1) * kit["per_class"] * c * steps / rate_mark
@@ -425,7 +469,7 @@ def build_plan(cfg: dict[str, Any]) -> Plan:
         n = variant_train_images(cfg, variant)
         for regime, epochs in blk["regimes"].items():
             for seed in blk["seeds"]:
-                for method in cfg["methods"]:
+                for method in blk.get("methods", cfg["methods"][:1]):
                     for q in blk["q"]:
                         if q == 0 and seed not in blk.get("control_seeds", blk["seeds"]):
                             continue
@@ -530,6 +574,9 @@ class Ctx:
         if r is None:
             raise RuntimeError(f"{uid} is not done: run its stage first")
         return r
+
+    def image_steps(self, method: str) -> int:
+        return image_steps(self.plan.config, method)
 
     def run(self, cmd: list[str], ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
         t0 = time.perf_counter()
@@ -692,8 +739,9 @@ def unit_marking(ctx: Ctx, u: Unit, out: Path) -> dict[str, Any]:
         "marked_dir": str(out / "marked"),
         "mark": mk,
         "mark_wall_s": wall,
+        "image_steps_per_marked": ctx.image_steps(s["method"]),
         "marked_image_steps_per_s": (mk.get("marked") or 0)
-        * s.get("steps", 100)
+        * ctx.image_steps(s["method"])
         / max(mk.get("seconds") or wall, 1e-9),
     }
 

@@ -56,19 +56,24 @@ def test_plan_keys_follow_the_configuration() -> None:
     """A changed setting recomputes exactly what depends on it."""
     cfg = copy.deepcopy(bmap.SMOKE)
     a = bmap.build_plan(cfg)
-    cfg["blocks"][1]["regimes"]["finetune"] = 2  # the glyph fine-tune epochs
+    glyph = next(b for b in cfg["blocks"] if b["variant"] == "glyphs-tiny")
+    glyph["regimes"]["finetune"] = 2  # the glyph fine-tune epochs
     b = bmap.build_plan(cfg)
     changed = {u for u in a.units if a.units[u].key != b.units[u].key}
     assert changed
     assert all("glyphs-tiny.finetune" in u for u in changed), changed
     assert {u.split("/")[0] for u in changed} == {"suspect", "verify"}
-    # method is a cell field: a second method adds cells and marking runs, keeps the others
+    # method is a cell field: a block's second method adds cells and marking runs, keeps the
+    # others (a block without "methods" has the configuration's first)
     cfg2 = copy.deepcopy(bmap.SMOKE)
-    cfg2["methods"] = ["radioactive", "twins"]
+    next(b for b in cfg2["blocks"] if b["variant"] == "glyphs-tiny")["methods"] = [
+        "radioactive", "twins"]  # fmt: skip
     c = bmap.build_plan(cfg2)
     assert {x.key for x in a.units.values()} <= {x.key for x in c.units.values()}
-    assert any(u.startswith("marking/") and ".twins." in u for u in c.units)
-    assert any(cell.method == "twins" and cell.q > 0 for cell in c.cells)
+    added = set(c.units) - set(a.units)
+    assert added and all("glyphs-tiny" in u and "twins" in u for u in added), added
+    assert any(u.startswith("marking/") and ".twins." in u for u in added)
+    assert any(cell.method == "twins" and cell.variant == "glyphs-tiny" for cell in c.cells)
 
 
 def test_map_config_has_the_headline_cells_at_full_scale() -> None:
@@ -78,6 +83,9 @@ def test_map_config_has_the_headline_cells_at_full_scale() -> None:
         for q in ("q1", "q10"):
             assert f"fmnist-60k/scratch/radioactive/{q}/s{s}" in names
         assert f"glyphs1000-60k/scratch/radioactive/q1/s{s}" in names
+        for q in ("q1", "q10"):  # twin marks on the cells issue #15 names
+            assert f"fmnist-60k/scratch/twins/{q}/s{s}" in names
+    assert {"fmnist-20k/cross/twins/q10/s0", "fmnist-20k/finetune/twins/q10/s0"} <= names
     regimes = {c.regime for c in plan.cells}
     assert regimes == {"scratch", "cross", "finetune", "probe"}
     for c in plan.cells:  # the reduced scale is at least 20k training images
@@ -101,15 +109,23 @@ def test_smoke_map_runs_every_stage_and_resumes(tmp_path: Path) -> None:
         assert s["train_test_gap"] == pytest.approx(s["train_accuracy"] - s["test_accuracy"])
         assert c["verify"], c["name"]
         for v in c["verify"].values():
-            assert {"white_box_fisher", "pullback_fisher"} <= set(v["tests"])
+            if c["method"] == "twins":  # its own test only: no carriers in a twins record
+                assert set(v["tests"]) == {"twin_rank"}
+            else:
+                assert {"white_box_fisher", "pullback_fisher"} <= set(v["tests"])
             assert v["exit_code"] in (0, 1)
-    kit_cells = [c for c in res["cells"] if c["variant"] == "fmnist-tiny"]
+    assert {c["method"] for c in res["cells"]} == {"radioactive", "twins"}
+    twins = [m for k, m in res["markings"].items() if ".twins." in k]
+    assert twins and all(m["image_steps_per_marked"] == 4 for m in twins)  # 2 candidates x 2 steps
+    kit_cells = [
+        c for c in res["cells"] if c["variant"] == "fmnist-tiny" and c["method"] != "twins"
+    ]
     assert all("black_box_rank" in v["tests"] for c in kit_cells for v in c["verify"].values())
     assert res["null"] and all(n["keys"] == 50 for n in res["null"].values())
     assert any("pullback_fisher[80 keys]" in n["tests"] for n in res["null"].values())
     for d in res["data"].values():
         assert len(d["train_sha256"]) == 64
-    assert res["stages"]["suspects"]["units"] == 6
+    assert res["stages"]["suspects"]["units"] == 7  # the twins control shares its suspect
 
     # resumability: the second run recomputes nothing
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("result.json")}

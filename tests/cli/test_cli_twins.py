@@ -41,6 +41,9 @@ def test_twins_mark_and_verify(tmp_path: Path) -> None:
         "data-000000.tar", "data-000001.tar", "data-000002.tar"]  # fmt: skip
     v = CliRunner().invoke(app, ["verify", str(marker), "--key", doc["record"], "--json", *base])
     assert v.exit_code in (0, 1), v.output
-    (res,) = json.loads(v.stdout)["results"]
+    out = json.loads(v.stdout)
+    (res,) = out["results"]
     assert set(res["tests"]) == {"twin_rank"} and res["method"] == "twins"
+    # 10 classes, but no class-row test ran: the white-box low-power warning would mislead
+    assert not any("white-box" in w for w in out["warnings"]), out["warnings"]
     assert res["log10_p"] <= 0

@@ -85,11 +85,33 @@ def make_broken_marker(path: Path, kind: str) -> Path:
     return Path(path)
 
 
-def make_key(keystore: Path, key_file: Path | None = None) -> str:
-    """A fresh unencrypted key (fast scrypt); returns its ``sha256:`` fingerprint."""
-    from radmark.keys.manage import generate_key
+def make_key(keystore: Path, key_file: Path | None = None, *, pinned: str | None = None) -> str:
+    """An unencrypted key (fast scrypt); returns its ``sha256:`` fingerprint.
 
-    return generate_key(keystore, passphrase=None, out_file=key_file, scrypt_n=2**10).fingerprint
+    Fresh by default. ``pinned`` names a fixed key instead: the secret and the creation time
+    derive from the name, so the fingerprint, the selection, the carriers and the marked bytes are
+    the same on every run. Use it wherever an assertion depends on which samples the key selects
+    or on a statistic of one key (a fresh key made such tests fail one run in a few hundred).
+    """
+    if pinned is None:
+        from radmark.keys.manage import generate_key
+
+        return generate_key(
+            keystore, passphrase=None, out_file=key_file, scrypt_n=2**10
+        ).fingerprint
+    from radmark.canonical import address
+    from radmark.fsutil import atomic_write_bytes
+    from radmark.keys.keypair import SecretKey
+    from radmark.keys.sealing import keyfile_bytes, seal_secret
+    from radmark.keys.store import Keystore
+
+    key = SecretKey(hashlib.sha256(f"radmark test key {pinned}".encode()).digest())
+    record = key.public_record(created="2026-01-01T00:00:00Z")
+    Keystore.open(keystore, create=True).add_key(key, record, None, scrypt_n=2**10)
+    if key_file is not None:
+        doc = seal_secret(key, record.fingerprint, None, scrypt_n=2**10)
+        atomic_write_bytes(key_file, keyfile_bytes(record, doc), 0o600)
+    return address(record.fingerprint)
 
 
 def sha256_tree(directory: Path) -> dict[str, str]:

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from radmark.keys.manage import load_secret_key
 from radmark.marking.manifest import find_state
+from radmark.marking.selection import is_selected
 from tests.factories import make_key, make_marker, make_shards, sha256_tree, temp_files
 
 SHARDS, PER_SHARD = 6, 8
@@ -86,7 +88,10 @@ def test_sigkill_anywhere_then_resume_gives_identical_bytes(tmp_path: Path) -> N
     root = tmp_path
     make_shards(root / "in", n=SHARDS * PER_SHARD, per_shard=PER_SHARD)
     make_marker(root / "marker.safetensors")
-    make_key(root / "ks", root / "owner.key")
+    make_key(root / "ks", root / "owner.key", pinned="kill-resume")
+    # the "batch:1" kill must land before shard 0 is written: shard 0 needs a selected sample
+    secret, _ = load_secret_key(root / "ks", str(root / "owner.key"), lambda: None)
+    assert any(is_selected(secret.selection_seed(), f"{i:06d}", 0.5) for i in range(PER_SHARD))
     inputs_before = sha256_tree(root / "in")
 
     t0 = time.monotonic()

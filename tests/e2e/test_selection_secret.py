@@ -153,7 +153,7 @@ def _best_accuracy(shards: list[Path], marked: set[str]) -> tuple[str, float, in
 
 def _mark(tmp: Path, foreign: bool, **opts: Any) -> tuple[list[Path], set[str], Path]:
     ks, key_file = tmp / "ks", tmp / "owner.key"
-    make_key(ks, key_file)
+    make_key(ks, key_file, pinned="selection-secret")  # the distinguisher's bounds, one key
     marker = make_marker(tmp / "marker.safetensors")
     src = _dataset(tmp / "in", foreign)
     key, pub = load_secret_key(ks, str(key_file), lambda: None)

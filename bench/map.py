@@ -803,6 +803,8 @@ def unit_verify(ctx: Ctx, u: Unit, out: Path) -> dict[str, Any]:
         "detected": bool(js["detected"]),
         "log10_p": r.get("log10_p"),
         "tests": _tests_of(r),
+        # a test's own measurements (the twin test's win rate), by test
+        "test_extra": {n: t["extra"] for n, t in (r.get("tests") or {}).items() if t.get("extra")},
         "alignment_r2": (r.get("alignment") or {}).get("r2"),
         "black_box": r.get("black_box"),
         "dim": r.get("dim"),

@@ -227,6 +227,23 @@ def accuracy_change(run: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def twin_rows(run: dict[str, Any]) -> list[list[str]]:
+    """Every twins cell against every twins key it was verified with: win rate and p."""
+    rows = []
+    for c in run["cells"]:
+        if c["method"] != "twins":
+            continue
+        s = c.get("suspect") or {}
+        for q, v in sorted((c.get("verify") or {}).items()):
+            if v is None:
+                continue
+            ex = (v.get("test_extra") or {}).get("twin_rank") or {}
+            rows.append([f"`{c['name']}`", q, _f(s.get("train_accuracy"), 3),
+                         _f(s.get("train_test_gap"), 3), str(int(ex["images"])) if ex else "–",
+                         _f(ex.get("win_rate"), 4), _f(v.get("log10_p"))])  # fmt: skip
+    return rows
+
+
 def targets_rows(run: dict[str, Any]) -> list[list[str]]:
     def met(v: float | None, target: float) -> str:
         return "–" if v is None else ("yes" if v <= target else "no")
@@ -478,6 +495,20 @@ def section(
         lines += ["(matplotlib missing: no plot)", ""]
     lines += ["### Against the targets", ""]
     lines += _table(["what", "target", "measured", "met"], targets_rows(run))
+    tw = twin_rows(run)
+    if tw:
+        lines += [
+            "### Twin marks: the published candidate's win rate (issue #15)",
+            "",
+            "Per marked image the suspect's residualised margin on the published candidate "
+            "against its unpublished twin; the win rate is the share of images where the "
+            "published one scores higher (0.5 under H0 exactly). A control is scored on the "
+            "same twins (it never saw either). The sign test's arithmetic: log10 p ≤ −6 needs "
+            "about 60% wins over 600 images or 53% over 6,000.",
+            "",
+        ]
+        lines += _table(["cell", "key", "train acc", "train−test gap", "images", "win rate",
+                         "log10 p"], tw)  # fmt: skip
     lines += ["### Data, markers, scale", ""]
     drows = []
     for name, d in run.get("data", {}).items():
@@ -504,12 +535,13 @@ def section(
         krows.append([
             f"`{name}`", str(mk.get("marked")), str(mk.get("images")),
             _f(mk.get("psnr_mean"), 1), _f(mk.get("psnr_min"), 1), str(mk.get("linf_max")),
-            _f(m.get("marked_image_steps_per_s"), 0),
+            str(m.get("image_steps_per_marked", "–")), _f(m.get("marked_image_steps_per_s"), 0),
             f"K = {kit.get('decoys')}, {kit.get('per_class')}/class" if kit else "–",
             _f(m.get("mark_wall_s", 0) / 60, 1),
         ])  # fmt: skip
     lines += _table(["marking run", "marked", "of", "PSNR mean", "PSNR min", "L∞ max",
-                     "image-steps/s", "kit", "minutes"], krows)  # fmt: skip
+                     "marker passes / marked image", "image-steps/s", "kit", "minutes"],
+                    krows)  # fmt: skip
     lines += ["Deviations from the protocol (configuration in the result file):", ""]
     lines += [f"- {d}" for d in run["config"].get("deviations", [])] + [""]
     lines += ["### Every cell, every test", ""]

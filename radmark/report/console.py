@@ -176,7 +176,9 @@ def verify(res: VerifyResult) -> None:
         t.add_column("exact")
         t.add_column("what")
         for name, tr in r.tests.items():
-            t.add_row(name, f"{tr.log10_p:.2f}", "yes" if tr.exact else "approx.", tr.description)
+            extra = "".join(f"; {k.replace('_', ' ')} {v:.4g}" for k, v in tr.extra.items())
+            t.add_row(name, f"{tr.log10_p:.2f}", "yes" if tr.exact else "approx.",
+                      tr.description + extra)  # fmt: skip
         t.add_row(
             "[bold]combined (verdict)[/bold]", f"[bold]{r.log10_p:.2f}[/bold]", "yes", r.combination
         )

@@ -98,6 +98,8 @@ def _test_json(t: TestResult) -> dict[str, Any]:
         "exact": t.exact,
         "statistic": t.statistic,
         "description": t.description,
+        # a test's own measurements (the twin test's win rate and images), where it has any
+        **({"extra": dict(t.extra)} if t.extra else {}),
     }
 
 

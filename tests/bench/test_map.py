@@ -111,6 +111,7 @@ def test_smoke_map_runs_every_stage_and_resumes(tmp_path: Path) -> None:
         for v in c["verify"].values():
             if c["method"] == "twins":  # its own test only: no carriers in a twins record
                 assert set(v["tests"]) == {"twin_rank"}
+                assert 0.0 <= v["test_extra"]["twin_rank"]["win_rate"] <= 1.0
             else:
                 assert {"white_box_fisher", "pullback_fisher"} <= set(v["tests"])
             assert v["exit_code"] in (0, 1)
@@ -150,6 +151,7 @@ def test_smoke_map_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     text = doc.read_text()
     assert "## The power map" in text and "### Null calibration" in text
     assert "fmnist-tiny/probe/radioactive/q10/s0" in text
+    assert "### Twin marks" in text and "`fmnist-tiny/scratch/twins/q10/s0`" in text
     assert (img / "map-log10p.png").stat().st_size > 0
     assert map_report.latest_map(out) is not None
 

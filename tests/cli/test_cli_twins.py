@@ -44,6 +44,11 @@ def test_twins_mark_and_verify(tmp_path: Path) -> None:
     out = json.loads(v.stdout)
     (res,) = out["results"]
     assert set(res["tests"]) == {"twin_rank"} and res["method"] == "twins"
+    extra = res["tests"]["twin_rank"]["extra"]  # the win rate, measured, over the marked images
+    assert extra["images"] == doc["marked"] and 0.0 <= extra["win_rate"] <= 1.0
+    rich = CliRunner().invoke(app, ["verify", str(marker), "--key", doc["record"], *base],
+                              env={"COLUMNS": "250"})  # fmt: skip
+    assert rich.exit_code in (0, 1) and "win rate" in rich.stdout, rich.output
     # 10 classes, but no class-row test ran: the white-box low-power warning would mislead
     assert not any("white-box" in w for w in out["warnings"]), out["warnings"]
     assert res["log10_p"] <= 0

@@ -1045,7 +1045,11 @@ def collect(plan: Plan, work: Path) -> dict[str, Any]:
     res["data"] = {k.split("/", 1)[1]: v for k, v in done.items() if k.startswith("data/")}
     res["markers"] = {k.split("/", 1)[1]: v for k, v in done.items() if k.startswith("marker/")}
     res["markings"] = {
-        k.split("/", 1)[1]: {kk: vv for kk, vv in v.items() if kk not in ("keyfile", "keystore")}
+        k.split("/", 1)[1]: {
+            # runs older than the field: the same function of the (unchanged) configuration
+            "image_steps_per_marked": image_steps(cfg, plan.units[k].spec["method"]),
+            **{kk: vv for kk, vv in v.items() if kk not in ("keyfile", "keystore")},
+        }
         for k, v in done.items()
         if k.startswith("marking/")
     }

@@ -138,6 +138,11 @@ def map_table(run: dict[str, Any], test: str | None = None) -> list[str]:
     header = ["data (train images)", "regime", "method", *[f"q = {_pct(q)}" for q in qs]]
     rows = []
     for variant, regime, method in _rows(run):
+        mine = [c for c in run["cells"] if (c["variant"], c["regime"], c["method"]) == (
+            variant, regime, method)]  # fmt: skip
+        if test is not None and not any(test in r.get("tests", {}) for c in mine
+                                        for r in _cell_results(c)):  # fmt: skip
+            continue  # a method without this test (twins have no white-box test)
         row = [_variant_label(run, variant), REGIME_LABEL.get(regime, regime), method]
         for q in qs:
             cells = [
@@ -305,6 +310,7 @@ def plot_map(run: dict[str, Any], path: Path) -> None:
     lo = 0.0
     styles = {"scratch": "-", "cross": "-.", "finetune": "--", "probe": ":"}
     variants = list(dict.fromkeys(c["variant"] for c in run["cells"]))
+    methods = list(dict.fromkeys(m for _v, _r, m in _rows(run)))
     for ax, (test, title) in zip(axes, panels, strict=True):
         ax.axhspan(-2.0, 0.0, color="0.85", zorder=0,
                    label="null band: 99% of clean models (p > 0.01)")  # fmt: skip
@@ -332,9 +338,10 @@ def plot_map(run: dict[str, Any], path: Path) -> None:
             label = f"{_variant_label(run, variant)}, {regime}" + (
                 f" ({method})" if len(run["config"].get("methods", [])) > 1 else ""
             )
-            ax.plot(xs, ys, color=color, ls=styles.get(regime, "-"), marker="o", ms=3,
+            mk = "os^vD"[methods.index(method) % 5]  # a method's own marker, same colours
+            ax.plot(xs, ys, color=color, ls=styles.get(regime, "-"), marker=mk, ms=3,
                     label=label)  # fmt: skip
-            ax.scatter(pts_x, pts_y, color=color, s=8, alpha=0.5)
+            ax.scatter(pts_x, pts_y, color=color, s=8, alpha=0.5, marker=mk)
         ax.set_xticks(range(len(qs)), [f"{_pct(q)}" + (" (control)" if q == 0 else "")
                                        for q in qs])  # fmt: skip
         ax.set_xlabel("marked fraction q")
@@ -342,7 +349,8 @@ def plot_map(run: dict[str, Any], path: Path) -> None:
         ax.axhline(0, color="black", lw=0.5)
     axes[0].set_ylabel("log10 p (mean over seeds; dots: each seed)")
     axes[0].set_ylim(min(lo * 1.1, -4), 0.3)
-    axes[1].legend(fontsize=7, loc="lower left")
+    # every line is in the combined panel (a method may lack the white-box test)
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=6, loc="lower left")
     fig.suptitle(f"{run['_file']} — {run.get('device', '')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -27,6 +27,21 @@ CLAIMS = [
     ("glyphs1000-20k/finetune/radioactive/q10/s0", "q10", "combined", "−1.16"),
     ("glyphs1000-20k/finetune/radioactive/q1/s0", "q1", "combined", "−1.52"),
     ("glyphs1000-20k/finetune/radioactive/q0/s0", "q1", "combined", "−1.41"),
+    ("fmnist-20k/cross/radioactive/q10/s0", "q10", "combined", "−0.71"),
+    ("fmnist-20k/scratch/radioactive/q100/s0", "q100", "combined", "−5.08"),
+    ("fmnist-20k/finetune/radioactive/q10/s0", "q10", "combined", "0.00"),
+    ("fmnist-20k/finetune/radioactive/q100/s0", "q100", "combined", "−2.44"),
+    ("fmnist-60k/scratch/twins/q10/s0", "q10", "combined", "−0.58"),
+    ("fmnist-60k/scratch/twins/q10/s1", "q10", "combined", "−0.04"),
+    ("fmnist-20k/cross/twins/q10/s0", "q10", "combined", "−0.44"),
+    ("fmnist-20k/finetune/twins/q10/s0", "q10", "combined", "−0.13"),
+]
+
+#: (cell, key's q, win rate as README shows it in percent, images)
+WIN_RATES = [
+    ("fmnist-60k/scratch/twins/q10/s0", "q10", "50.4%", "5,903"),
+    ("fmnist-60k/scratch/twins/q10/s1", "q10", "49.1%", "6,039"),
+    ("fmnist-60k/scratch/twins/q0/s0", "q10", "50.3%", None),
 ]
 
 
@@ -42,3 +57,15 @@ def test_readme_map_numbers_are_the_result_files() -> None:
         assert f"{value:.{decimals}f}".replace("-", "−") in (shown, shown.replace("−", "")), (
             cell, test, value)  # fmt: skip
         assert shown in readme, shown
+
+
+def test_readme_twin_win_rates_are_the_result_files() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    (name,) = set(re.findall(r"bench/results/(map-\d{8}T\d{6}Z\.json)", readme))
+    run = json.loads((REPO / "bench" / "results" / name).read_text(encoding="utf-8"))
+    cells = {c["name"]: c for c in run["cells"]}
+    for cell, q, shown, images in WIN_RATES:
+        extra = cells[cell]["verify"][q]["test_extra"]["twin_rank"]
+        assert f"{100 * extra['win_rate']:.1f}%" == shown and shown in readme, (cell, extra)
+        if images is not None:
+            assert f"{int(extra['images']):,}" == images and images in readme, (cell, extra)

@@ -206,6 +206,17 @@ MAP: dict[str, Any] = {
             "kit_q": [],
             "priority": 1,
         },
+        # the twins' ceiling (issue #15's dead-end rule: a method above -2 at q = 100% at its
+        # best setting is a dead end): every image of the 20k set gets a published twin
+        {
+            "variant": "fmnist-20k",
+            "methods": ["twins"],
+            "regimes": {"scratch": 3},
+            "q": [0, 1.0],
+            "seeds": [0],
+            "kit_q": [],
+            "priority": 2,
+        },
         # the ceiling: every image marked (20k x 100 marking steps: the costliest marking run)
         {
             "variant": "fmnist-20k",

@@ -35,6 +35,7 @@ CLAIMS = [
     ("fmnist-60k/scratch/twins/q10/s1", "q10", "combined", "−0.04"),
     ("fmnist-20k/cross/twins/q10/s0", "q10", "combined", "−0.44"),
     ("fmnist-20k/finetune/twins/q10/s0", "q10", "combined", "−0.13"),
+    ("fmnist-20k/scratch/twins/q100/s0", "q100", "combined", "−0.54"),
 ]
 
 #: (cell, key's q, win rate as README shows it in percent, images)
@@ -42,6 +43,7 @@ WIN_RATES = [
     ("fmnist-60k/scratch/twins/q10/s0", "q10", "50.4%", "5,903"),
     ("fmnist-60k/scratch/twins/q10/s1", "q10", "49.1%", "6,039"),
     ("fmnist-60k/scratch/twins/q0/s0", "q10", "50.3%", None),
+    ("fmnist-20k/scratch/twins/q100/s0", "q100", "50.2%", "20,000"),
 ]
 
 

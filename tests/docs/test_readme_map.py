@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,11 +48,17 @@ WIN_RATES = [
 ]
 
 
-def test_readme_map_numbers_are_the_result_files() -> None:
+def _readme_and_cells() -> tuple[str, dict[str, Any]]:
+    """README's text and the cells of the one map result file it names, by cell name."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     (name,) = set(re.findall(r"bench/results/(map-\d{8}T\d{6}Z\.json)", readme))
     run = json.loads((REPO / "bench" / "results" / name).read_text(encoding="utf-8"))
     cells = {c["name"]: c for c in run["cells"]}
+    return readme, cells
+
+
+def test_readme_map_numbers_are_the_result_files() -> None:
+    readme, cells = _readme_and_cells()
     for cell, q, test, shown in CLAIMS:
         v = cells[cell]["verify"][q]
         value = v["log10_p"] if test == "combined" else v["tests"][test]
@@ -62,10 +69,7 @@ def test_readme_map_numbers_are_the_result_files() -> None:
 
 
 def test_readme_twin_win_rates_are_the_result_files() -> None:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    (name,) = set(re.findall(r"bench/results/(map-\d{8}T\d{6}Z\.json)", readme))
-    run = json.loads((REPO / "bench" / "results" / name).read_text(encoding="utf-8"))
-    cells = {c["name"]: c for c in run["cells"]}
+    readme, cells = _readme_and_cells()
     for cell, q, shown, images in WIN_RATES:
         extra = cells[cell]["verify"][q]["test_extra"]["twin_rank"]
         assert f"{100 * extra['win_rate']:.1f}%" == shown and shown in readme, (cell, extra)

@@ -586,9 +586,6 @@ class Ctx:
             raise RuntimeError(f"{uid} is not done: run its stage first")
         return r
 
-    def image_steps(self, method: str) -> int:
-        return image_steps(self.plan.config, method)
-
     def run(self, cmd: list[str], ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
         t0 = time.perf_counter()
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
@@ -743,6 +740,7 @@ def unit_marking(ctx: Ctx, u: Unit, out: Path) -> dict[str, Any]:
     _, mk = ctx.json(cmd)
     wall = time.perf_counter() - t0
     mk.pop("shard_reports", None)
+    passes = image_steps(ctx.plan.config, s["method"])
     return {
         "key_fingerprint": kj["fingerprint"],
         "keyfile": str(keyfile),
@@ -750,9 +748,9 @@ def unit_marking(ctx: Ctx, u: Unit, out: Path) -> dict[str, Any]:
         "marked_dir": str(out / "marked"),
         "mark": mk,
         "mark_wall_s": wall,
-        "image_steps_per_marked": ctx.image_steps(s["method"]),
+        "image_steps_per_marked": passes,
         "marked_image_steps_per_s": (mk.get("marked") or 0)
-        * ctx.image_steps(s["method"])
+        * passes
         / max(mk.get("seconds") or wall, 1e-9),
     }
 

@@ -626,10 +626,11 @@ def headline(run: dict[str, Any]) -> list[str]:
 
 
 def build(results: Path, doc: Path, img_dir: Path) -> Path:
-    from . import map_report
+    from . import gpu_report, map_report
 
     runs = load_results(results)
     power_map = map_report.latest_map(results)
+    gpu = gpu_report.latest_gpu(results)
     img_dir.mkdir(parents=True, exist_ok=True)
     doc.parent.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -645,7 +646,9 @@ def build(results: Path, doc: Path, img_dir: Path) -> Path:
     ]
     if power_map is not None:
         lines += map_report.section(power_map, img_dir, doc.parent, results)
-    if not runs and power_map is None:
+    if gpu is not None:
+        lines += gpu_report.section(gpu)
+    if not runs and power_map is None and gpu is None:
         lines += ["No results yet: run `make bench` or `make bench-quick`.", ""]
         doc.write_text("\n".join(lines))
         return doc
@@ -673,7 +676,8 @@ def build(results: Path, doc: Path, img_dir: Path) -> Path:
     has_full = any(r["mode"] == "full" for r in runs)
     if not has_full:
         lines += [
-            "No full (GPU) run yet: the numbers below come from the reduced CPU protocol "
+            "No full run of this protocol yet (the GPU run above is `bench/gpu.py`'s): the "
+            "numbers below come from the reduced CPU protocol "
             "(`--quick`: a Fashion-MNIST subset and a small CNN), which checks that the whole "
             "chain runs and that the null is calibrated; it is not a measure of the method's "
             "power at full scale.",

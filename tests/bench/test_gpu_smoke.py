@@ -42,3 +42,9 @@ def test_gpu_script_smoke(tmp_path: Path) -> None:
     v = stages["fmnist.verify.radioactive-q50.vs.radioactive-q50"]
     assert {"white_box_fisher", "pullback_fisher", "black_box_rank"} <= set(v["tests"])
     assert v["log10_p"] <= 0
+    # docs/benchmarks.md's GPU section renders from the same file
+    from bench import gpu_report
+
+    text = "\n".join(gpu_report.section({**doc, "_file": result.name}))
+    assert "## The GPU run" in text and "`radioactive-q50-slimresnet`" in text
+    assert "| `radioactive-q50` | `radioactive-q50` |" in text

@@ -75,3 +75,23 @@ def test_readme_twin_win_rates_are_the_result_files() -> None:
         assert f"{100 * extra['win_rate']:.1f}%" == shown and shown in readme, (cell, extra)
         if images is not None:
             assert f"{int(extra['images']):,}" == images and images in readme, (cell, extra)
+
+
+#: (stage of the GPU result file, README's text of its combined log10 p)
+GPU_CLAIMS = [
+    ("fmnist.verify.radioactive-q1.vs.radioactive-q1", "−0.22"),
+    ("fmnist.verify.radioactive-q10.vs.radioactive-q10", "−1.45"),
+    ("fmnist.verify.radioactive-q10-slimresnet.vs.radioactive-q10", "−1.68"),
+    ("fmnist.verify.control.vs.radioactive-q10", "0.00"),
+]
+
+
+def test_readme_gpu_numbers_are_the_result_file() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    (name,) = set(re.findall(r"bench/results/(gpu-\d{8}T\d{6}Z\.json)", readme))
+    stages = json.loads((REPO / "bench" / "results" / name).read_text(encoding="utf-8"))["stages"]
+    for stage, shown in GPU_CLAIMS:
+        assert f"{stages[stage]['log10_p']:.2f}".replace("-", "−") == shown and shown in readme
+    for key, shown in (("q1", "−1.55"), ("control", "−0.19")):
+        assert f"{stages[f'glyphs.{key}']['verify']['log10_p']:.2f}".replace("-", "−") == shown
+        assert shown in readme

@@ -75,6 +75,8 @@ from typing import Any
 
 import numpy as np
 
+from radmark.data.writer import sha256_file
+
 C = 1000
 JPEG_QUALITIES = (90, 75)
 # probe conditions scored against their baseline (the clean probe, JPEG'd alike where the marked
@@ -85,14 +87,6 @@ BASE_OF = {"b": "a", "d": "a", **{f"{k}{q}": f"a{q}" for k in ("c", "dc") for q 
 
 def log(msg: str) -> None:
     print(f"[{dt.datetime.now(dt.timezone.utc).strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_commit() -> str:

@@ -17,11 +17,11 @@ bias measured in that case.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from radmark.data.writer import sha256_file
 from radmark.errors import InputError
 from radmark.keys.keypair import pixel_digest
 
@@ -29,14 +29,6 @@ if TYPE_CHECKING:
     from radmark.data.arrays import Probe
     from radmark.keys.keypair import SecretKey
     from radmark.keys.records import MarkRecord
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_probe_shards(probe: Sequence[str], records: Iterable[MarkRecord]) -> None:
@@ -49,7 +41,7 @@ def check_probe_shards(probe: Sequence[str], records: Iterable[MarkRecord]) -> N
     for url in expand_shards(list(probe)):
         if url.startswith("pipe:"):
             continue  # hashed only where it can be read twice; the pixel index still applies
-        digest = _file_sha256(Path(url))
+        digest = sha256_file(Path(url))
         if digest in marked:
             rec, name = marked[digest]
             raise InputError(

@@ -408,7 +408,9 @@ def first_images(
     uint8 [B, H, W, C].
 
     For checking a marker on real images before a run starts (``models/markers.py``); samples that
-    do not decode are passed over here (the run itself reports them). Empty when none decodes.
+    do not decode are passed over here (the run itself reports them), and so are images under
+    ``MIN_MARK_SIDE`` px on a side, which the run copies unmarked and never gives the marker: one
+    tiny image first must not decide the size checked (issue #12). Empty when none qualifies.
     """
     found: list[np.ndarray] = []
     try:
@@ -420,6 +422,8 @@ def first_images(
                 img, _ = read_image(sample.get(ext) or b"", shard=url, key=sample.key,
                                     max_pixels=max_pixels)  # fmt: skip
             except ShardError:
+                continue
+            if min(img.shape[:2]) < MIN_MARK_SIDE:
                 continue
             if found and img.shape != found[0].shape:
                 continue

@@ -56,7 +56,17 @@ def check_features_finite(marker: LoadedModel, images: np.ndarray, where: str) -
 
     Weights can all be finite and still overflow (first conv weights of ±3e38): marking would
     then follow NaN gradients and write arbitrary pixels. ``images``: uint8 [B, H, W, C] from the
-    run's first shard (``where``); an empty batch checks nothing.
+    run's first shard (``where``), of one size, none under the run's minimum marking side
+    (``marking/pipeline.py::first_images``).
+
+    The check is skipped, without an error, when there is nothing it can use: an empty batch (no
+    image of the first samples qualifies, e.g. a shard of tiny images, which the run copies
+    unmarked), or images of a size this marker cannot take (ModelError from
+    ``LoadedModel.check_input_size``, or a RuntimeError/ValueError from the forward pass). No
+    synthetic input stands in: what matters is the features of the images it will mark. The run
+    still protects: an image the marker cannot take fails the run with its own line when marked,
+    and after every batch each output must be finite and within the budget (``MethodRun.budget``)
+    before anything is written.
     """
     import torch
 
@@ -66,7 +76,7 @@ def check_features_finite(marker: LoadedModel, images: np.ndarray, where: str) -
     try:
         with torch.no_grad():
             feats = marker.features(x.to(marker.device))
-    except (RuntimeError, ValueError):
+    except (ModelError, RuntimeError, ValueError):
         return  # images this marker cannot take (too small...): the run reports them per sample
     if not bool(torch.isfinite(feats).all()):
         raise ModelError(

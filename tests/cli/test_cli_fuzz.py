@@ -1,13 +1,23 @@
 """Class-level CLI fuzz (issue #12): hostile files and bad arguments for every command.
 
-A seeded generator (deterministic: the same cases on every run) combines one to three *bad
-ingredients* (a garbage, truncated or empty tar, a non-image member, a missing or out-of-range
-label, an image declaring 100000×100000 pixels, a tampered, too-open or symlinked key file, a wrong
-passphrase, a pickle checkpoint that would write a file if it were ever unpickled, a symlinked or
-world-readable keystore, a FIFO, a directory where a file is expected, a non-positive or NaN
-number, an output that exists ...) with an otherwise valid invocation of ``keygen``, ``keys
-list | show | export-public``, ``mark``, ``verify``, ``kit build`` or ``marker train``. Every
-ingredient is invalid for the command it is given to, so every case must:
+Each command's *ingredients* replace one part of its otherwise valid invocation with something
+hostile (a garbage, truncated or empty tar, a non-image member, a missing or out-of-range label,
+an image declaring 100000×100000 pixels, a tampered, truncated, re-signed, too-open, huge or
+symlinked key file, a wrong passphrase, a pickle checkpoint that would write a file if it were ever
+unpickled, a symlinked or world-readable keystore, a FIFO, a directory where a file is expected, a
+non-positive or NaN number, an output that exists ...) for ``keygen``, ``keys list | show |
+export-public | import``, ``mark``, ``verify``, ``kit build`` and ``marker train`` (every command
+the CLI registers: :func:`test_every_ingredient_is_exercised` checks that). Two passes:
+
+- :func:`test_every_ingredient_alone`: every ingredient of every command on its own, once with
+  ``--json`` and once without;
+- :func:`test_cli_fuzz`: a seeded generator (the same cases on every run) combines one to three
+  ingredients in distinct slots.
+
+A few ingredients are *valid* (``Ingredient.valid``): inputs that look hostile but must work, such
+as a shard starting with (or holding only) images under 8 px on a side, which ``mark`` copies
+unmarked and counts. Alone they must succeed (exit 0, 0 or 1 for verify) and pass their own check;
+combined with a bad ingredient the case is bad. Every bad case must:
 
 - exit 2 (never 0 or 1, which CI reads as a verdict; never 3, an internal error: these are all
   the user's inputs),
@@ -16,10 +26,13 @@ ingredient is invalid for the command it is given to, so every case must:
 - write nothing outside the case's output directory (the whole case tree is snapshotted before and
   after: contents, modes, links), and never execute the planted pickle.
 
+Valid cases may only add files to the keystore (a mark record, its run state) outside it.
 :func:`test_valid_controls` runs each command's valid base invocation once, so an ingredient is
 what makes a case fail. Commands run in-process through the console script's entry point
-(``radmark.cli.main``), the same path as ``radmark`` in a shell, which keeps ~150 cases within a
-minute or so; ``RADMARK_FUZZ_CASES`` and ``RADMARK_FUZZ_SEED`` change the count and the seed.
+(``radmark.cli.main``), the same path as ``radmark`` in a shell, which keeps the ~880 cases (363
+ingredients: 726 runs alone, 150 random) within 35-90 s on two shared cores (the module is
+marked slow: ``make test`` runs it, ``make test-fast`` skips it); ``RADMARK_FUZZ_CASES`` and
+``RADMARK_FUZZ_SEED`` change the random pass's count and seed.
 """
 
 from __future__ import annotations
@@ -44,6 +57,8 @@ from typing import Any
 import pytest
 
 from tests.factories import fmnist, make_key, make_marker, make_shards
+
+pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("RADMARK_FUZZ_SEED", "12"))
 CASES = int(os.environ.get("RADMARK_FUZZ_CASES", "150"))
@@ -229,6 +244,10 @@ def _shard(w: Path, kind: str) -> str:
     elif kind == "tiny-images":
         _tar(p, [(f"{i:08d}.{e}", _png(5) if e == "png" else b"1") for i in range(4)
                  for e in ("png", "cls")])  # fmt: skip
+    elif kind in ("tiny-first", "tiny-only"):  # valid for mark: copied unmarked and counted
+        tiny = [(f"tiny{i:04d}.{e}", _png(5) if e == "png" else b"7") for i in range(TINY[kind])
+                for e in ("png", "cls")]  # fmt: skip
+        _tar(p, tiny + (good if kind == "tiny-first" else []))
     elif kind == "directory-named-tar":
         p.mkdir()
     elif kind == "empty-directory":
@@ -261,6 +280,9 @@ SHARD_KINDS_ANY = [
 SHARD_KINDS_LABELLED = ["missing-label", "label-out-of-range", "label-not-a-number"]
 #: Bad where every image must have one size the model takes (probes, training), not for mark.
 SHARD_KINDS_ONE_SIZE = ["mixed-sizes", "tiny-images"]
+#: Valid for mark (issue #12, audit G1): 5×5 images (labelled 7, so that a 5-class marker is
+#: still refused) first in the shard or alone, copied unmarked and counted: how many of them.
+TINY = {"tiny-first": 1, "tiny-only": 4}
 
 
 class _Payload:
@@ -334,12 +356,18 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
 
 
+#: What a valid ingredient checks of its successful run (case, outcome, json mode) -> problems.
+Expect = Callable[[Case, Outcome, bool], list[str]]
+
+
 @dataclass(frozen=True)
 class Ingredient:
     slot: str  # the part of the valid invocation it replaces (or an option the base lacks)
     label: str
     make: Callable[[Case], list[str]]
     also: tuple[str, ...] = ()  # slots it drops from the base (it gives them itself)
+    valid: bool = False  # hostile-looking but valid: alone, the command must succeed
+    expect: Expect | None = None  # what a valid one checks of the successful run
 
     @property
     def slots(self) -> set[str]:
@@ -477,6 +505,144 @@ def _key_ingredients() -> list[Ingredient]:
     return out
 
 
+def _rewrite_keyfile(src: Path, dst: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
+    """``dst``: the key file ``src`` with its JSON edited by ``edit``, in canonical form, 0600."""
+    from radmark.canonical import canonical_json
+
+    doc = json.loads(src.read_bytes())
+    edit(doc)
+    dst.write_bytes(canonical_json(doc))
+    dst.chmod(0o600)
+
+
+def _import_ingredients() -> list[Ingredient]:
+    """Hostile owner key files for ``keys import KEY_FILE`` (audit G4): each one must be refused
+    before anything is written to the keystore."""
+    from radmark.canonical import b64encode, canonical_json
+    from radmark.keys.keypair import SecretKey
+
+    def other() -> SecretKey:
+        return SecretKey(hashlib.sha256(b"radmark fuzz: another key").digest())
+
+    def resign(doc: dict[str, Any]) -> None:  # the owner's record, signed by another key
+        body = {k: v for k, v in doc["public_record"].items() if k != "signature"}
+        doc["public_record"] = other().sign(body)
+
+    def flip_signature(doc: dict[str, Any]) -> None:
+        v = doc["public_record"]["signature"]["value"]
+        doc["public_record"]["signature"]["value"] = ("B" if v[0] == "A" else "A") + v[1:]
+
+    edits: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "signature tampered": flip_signature,
+        "record edited after signing": lambda d: d["public_record"].update(created="2000-01-01"),
+        "record signed by another key": resign,
+        "secret of another key": lambda d: d["secret"].update(
+            secret=b64encode(other().secret_bytes())
+        ),  # fmt: skip
+        "secret for another fingerprint": lambda d: d["secret"].update(fingerprint="0" * 64),
+        "unknown secret encryption": lambda d: d["secret"].update(encryption="rot13"),
+        "no public record": lambda d: d.pop("public_record"),
+    }
+    enc_edits: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "scrypt n=2^40 edited": lambda d: d["secret"]["encryption"].update(n=2**40),
+        "scrypt p=2^20 edited": lambda d: d["secret"]["encryption"].update(p=2**20),
+        "ciphertext tampered": lambda d: d["secret"].update(ciphertext="A" * 64),
+    }
+
+    def keyfile(kind: str) -> Callable[[Case], list[str]]:
+        def make(c: Case) -> list[str]:
+            owner = c.w / "owner.key"
+            p = c.w / "import.key"
+            if kind in edits:
+                _rewrite_keyfile(owner, p, edits[kind])
+            elif kind in enc_edits:  # the encrypted key file, with the right passphrase
+                _rewrite_keyfile(c.w / "enc.key", p, enc_edits[kind])
+                c.env["RADMARK_PASSPHRASE"] = PASSPHRASE
+            elif kind == "wrong passphrase":
+                p = c.w / "enc.key"
+                c.env["RADMARK_PASSPHRASE"] = "not the passphrase"
+            elif kind == "encrypted, no passphrase":
+                p = c.w / "enc.key"
+            elif kind == "byte flipped":
+                shutil.copy(owner, p)
+                _flip_byte(p)
+            elif kind == "truncated":
+                p.write_bytes(owner.read_bytes()[: owner.stat().st_size // 2])
+            elif kind == "re-indented (not canonical)":
+                p.write_text(json.dumps(json.loads(owner.read_bytes()), indent=2))
+            elif kind == "not JSON":
+                p.write_bytes(b"\x00\xffnot a key\n" * 64)
+            elif kind == "JSON, not a key file":
+                p.write_bytes(canonical_json({"hello": "world"}))
+            elif kind == "a public key record":
+                p.write_bytes(canonical_json(json.loads(owner.read_bytes())["public_record"]))
+            elif kind == "a keystore secret file":
+                shutil.copy(next((c.w / "ks" / "secrets").iterdir()), p)
+            elif kind == "huge (2 MiB)":
+                p.write_bytes(owner.read_bytes() + b" " * (2 << 20))
+            elif kind == "empty":
+                p.write_bytes(b"")
+            elif kind == "too open (0644)":
+                shutil.copy(owner, p)
+                p.chmod(0o644)
+                return [str(p)]
+            elif kind == "a directory":
+                p.mkdir()
+                return [str(p)]
+            elif kind == "a symlink to the key file":
+                p.symlink_to(owner)
+                return [str(p)]
+            elif kind == "a symlink to /dev/zero":
+                p.symlink_to("/dev/zero")
+                return [str(p)]
+            elif kind == "a FIFO":
+                os.mkfifo(p, 0o600)
+                return [str(p)]
+            elif kind == "missing":
+                return [str(p)]
+            else:  # pragma: no cover
+                raise AssertionError(kind)
+            p.chmod(0o600)
+            return [str(p)]
+
+        return make
+
+    kinds = [*edits, *enc_edits, "wrong passphrase", "encrypted, no passphrase", "byte flipped",
+             "truncated", "re-indented (not canonical)", "not JSON", "JSON, not a key file",
+             "a public key record", "a keystore secret file", "huge (2 MiB)", "empty",
+             "too open (0644)", "a directory", "a symlink to the key file",
+             "a symlink to /dev/zero", "a FIFO", "missing"]  # fmt: skip
+    return [Ingredient("keyfile", f"key file: {k}", keyfile(k)) for k in kinds]
+
+
+def _expect_tiny_copied(kind: str) -> Expect:
+    """``mark`` of a ``tiny-*`` shard: the tiny images copied byte-identical and counted."""
+
+    def check(c: Case, res: Outcome, json_out: bool) -> list[str]:
+        from radmark.data.sources import iter_samples
+
+        src = c.w / "bad" / f"{kind}.tar"
+        dst = c.w / "out" / "marked" / f"{kind}.tar"
+        if not dst.is_file():
+            return [f"no output shard {dst.name}"]
+        tiny = {s.key: s.get("png") for s in iter_samples(str(src)) if s.key.startswith("tiny")}
+        out = {s.key: s.get("png") for s in iter_samples(str(dst))}
+        problems = [f"{k} not copied byte-identical" for k in tiny if out.get(k) != tiny[k]]
+        if len(tiny) != TINY[kind]:
+            problems.append(f"{len(tiny)} tiny images in the input, expected {TINY[kind]}")
+        if json_out:
+            doc = json.loads(res.out)
+            want = (len(out), len(tiny))
+            if (doc.get("images"), doc.get("skipped")) != want:
+                problems.append(f"images, skipped = {doc.get('images')}, {doc.get('skipped')}, "
+                                f"expected {want}")  # fmt: skip
+        elif f"/{len(out)} images marked ({len(tiny)} skipped)" not in res.err:
+            problems.append(f"the summary does not count {len(tiny)} of {len(out)} skipped")
+        return problems
+
+    return check
+
+
 def _opt(slot: str, *values: str) -> list[Ingredient]:
     return [Ingredient(slot, f"{slot} {v}", lambda c, v=v: [slot, v]) for v in values]
 
@@ -550,6 +716,17 @@ COMMANDS: dict[str, tuple[Base, list[Ingredient]]] = {
         + _out_exists("--out")
         + [Ingredient("ref", "ref: unknown", lambda c: ["abcdef0123"])],
     ),
+    "keys import": (
+        lambda c: [
+            ("cmd", ["keys", "import"]),
+            ("keyfile", [str(c.w / "owner.key")]),
+            # a new keystore, in the output directory; the keystore ingredients give the world's
+            ("keystore", ["--keystore", str(c.w / "out" / "import-ks")]),
+        ],  # fmt: skip
+        _import_ingredients()
+        + [i for i in _keystore_ingredients() if i.label != "keystore: missing"]
+        + _opt("--bogus-option", "1"),
+    ),
     "mark": (
         lambda c: [
             ("cmd", ["mark"]),
@@ -561,6 +738,16 @@ COMMANDS: dict[str, tuple[Base, list[Ingredient]]] = {
             ("steps", ["--steps", "1"]),
         ],  # fmt: skip
         _shard_slot("shards", SHARD_KINDS_ANY + SHARD_KINDS_LABELLED)
+        + [
+            Ingredient(
+                "shards",
+                f"shards: {k} (valid)",
+                lambda c, k=k: [_shard(c.w, k)],
+                valid=True,
+                expect=_expect_tiny_copied(k),
+            )
+            for k in TINY
+        ]
         + _key_ingredients()
         + _keystore_ingredients()
         + [_edited_scrypt(n) for n in ("n40", "p20", "n62")]
@@ -767,6 +954,60 @@ def check_failure(res: Outcome, json_out: bool) -> list[str]:
     return problems
 
 
+def check_success(res: Outcome, json_out: bool, command: str) -> list[str]:
+    """What is wrong with a run that should have succeeded (empty = fine)."""
+    problems = []
+    if res.code not in ((0, 1) if command == "verify" else (0,)):
+        problems.append(f"exit {res.code!r}, expected success")
+    if "Traceback" in res.out + res.err:
+        problems.append("a traceback was printed")
+    if json_out:
+        try:
+            if "error" in json.loads(res.out):
+                problems.append(f"a JSON error object: {res.out[:300]!r}")
+        except ValueError:
+            problems.append(f"stdout is not exactly one JSON object: {res.out[:200]!r}")
+    return problems
+
+
+def run_case(
+    world: dict[str, Any], w: Path, command: str, chosen: list[Ingredient], json_out: bool
+) -> str | None:
+    """Run one case in a fresh copy of the world at ``w``; a report of what went wrong, or None.
+
+    The case must succeed when every chosen ingredient is valid (and pass their checks), else
+    fail as :func:`check_failure` says; either way nothing outside ``w/out`` may change, except
+    that a successful run may add files to the keystore ``w/ks``.
+    """
+    case = _prepare(world, w)
+    argv = _argv(case, command, chosen, json_out)
+    before = snapshot(w, skip=w / "out")
+    res = invoke(argv, case.env)
+    valid = all(ing.valid for ing in chosen)
+    if valid:
+        problems = check_success(res, json_out, command)
+        for ing in chosen:
+            if ing.expect is not None and not problems:
+                problems += ing.expect(case, res, json_out)
+    else:
+        problems = check_failure(res, json_out)
+    after = snapshot(w, skip=w / "out")
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if valid:  # a successful run may add to the keystore (a mark record, its run state), only add
+        changed = [k for k in changed if not (k.startswith("ks/") and k not in before)]
+    if changed:
+        problems.append(f"wrote outside the output directory: {changed[:5]}")
+    if (w / "PWNED").exists():
+        problems.append("the pickle was unpickled")
+    if not problems:
+        shutil.rmtree(w, ignore_errors=True)
+        return None
+    labels = ", ".join(i.label for i in chosen)
+    mode = "--json" if json_out else "plain"
+    return (f"[{command}: {labels}] ({mode}) {' '.join(argv)}\n    " + "\n    ".join(problems)
+            + f"\n    stderr: {res.err[-300:]!r}")  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # the tests
 
@@ -783,42 +1024,79 @@ def test_valid_controls(world: dict[str, Any], tmp_path: Path) -> None:
         assert "error" not in json.loads(res.out), (command, res.out)
 
 
+def every_ingredient_plan() -> list[tuple[str, Ingredient, bool]]:
+    """Every ingredient of every command alone, with and without ``--json`` (every command has
+    it): (command, ingredient, json mode)."""
+    return [(command, ing, json_out) for command in sorted(COMMANDS)
+            for ing in COMMANDS[command][1] for json_out in (True, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS), ids=lambda c: c.replace(" ", "-"))
+def test_every_ingredient_alone(world: dict[str, Any], tmp_path: Path, command: str) -> None:
+    """Each ingredient on its own, with otherwise valid arguments (audit G4: the random pass
+    drew fewer than half of them)."""
+    ro_before = snapshot(world["ro"])
+    cases = [(ing, j) for c, ing, j in every_ingredient_plan() if c == command]
+    failures = []
+    for n, (ing, json_out) in enumerate(cases):
+        report = run_case(world, tmp_path / f"c{n:03d}", command, [ing], json_out)
+        if report is not None:
+            failures.append(report)
+    assert snapshot(world["ro"]) == ro_before
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
+
+
 def test_cli_fuzz(world: dict[str, Any], tmp_path: Path) -> None:
+    """Random combinations of one to three ingredients (seeded: the same cases on every run)."""
     rng = random.Random(SEED)
     failures: list[str] = []
     ro_before = snapshot(world["ro"])
     for index in range(CASES):
         command, chosen, json_out, w = build_case(rng, index, tmp_path)
-        case = _prepare(world, w)
-        argv = _argv(case, command, chosen, json_out)
-        before = snapshot(w, skip=w / "out")
-        res = invoke(argv, case.env)
-        problems = check_failure(res, json_out)
-        after = snapshot(w, skip=w / "out")
-        changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-        if changed:
-            problems.append(f"wrote outside the output directory: {changed[:5]}")
-        if (w / "PWNED").exists():
-            problems.append("the pickle was unpickled")
-        if problems:
-            labels = ", ".join(i.label for i in chosen)
-            failures.append(
-                f"case {index} [{command}: {labels}] {' '.join(argv)}\n    "
-                + "\n    ".join(problems)
-                + f"\n    stderr: {res.err[-300:]!r}"
-            )
-        else:
-            shutil.rmtree(w, ignore_errors=True)
+        report = run_case(world, w, command, chosen, json_out)
+        if report is not None:
+            failures.append(f"case {index} {report}")
     assert snapshot(world["ro"]) == ro_before
     assert not failures, f"{len(failures)} of {CASES} cases failed:\n" + "\n".join(failures)
 
 
-def test_every_ingredient_is_drawn() -> None:
-    """The seeded cases cover most of each command's ingredients (the generator is not stuck)."""
-    rng = random.Random(SEED)
-    seen: dict[str, set[str]] = {c: set() for c in COMMANDS}
-    for index in range(CASES):
-        command, chosen, _json, _w = build_case(rng, index, Path("/nonexistent"))
-        seen[command] |= {i.label for i in chosen}
+def _registered_commands() -> set[str]:
+    """Every leaf command of the ``radmark`` app, as typed (``keys import``)."""
+    from typer.main import get_command
+
+    from radmark.cli import app
+
+    found: set[str] = set()
+
+    def walk(cmd: Any, prefix: tuple[str, ...]) -> None:
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, (*prefix, name))
+        else:
+            found.add(" ".join(prefix))
+
+    walk(get_command(app), ())
+    return found
+
+
+def test_every_ingredient_is_exercised() -> None:
+    """Every command the CLI registers is fuzzed; every ingredient runs alone, once with --json and
+    once without; the random pass draws every command, both modes, and combinations too."""
+    assert set(COMMANDS) == _registered_commands()
+    plan = every_ingredient_plan()
     for command, (_base, ingredients) in COMMANDS.items():
-        assert len(seen[command]) >= min(len(ingredients), CASES // 40), command
+        labels = [i.label for i in ingredients]
+        assert len(set(labels)) == len(labels), f"{command}: two ingredients share a label"
+        for json_out in (True, False):
+            alone = [i.label for c, i, j in plan if c == command and j == json_out]
+            assert sorted(alone) == sorted(labels), (command, json_out)
+        assert any(i.valid for i in ingredients) == (command == "mark"), command
+    assert {(c, i.label) for c, i, _j in plan} == {
+        (c, i.label) for c, (_b, ings) in COMMANDS.items() for i in ings
+    }
+    rng = random.Random(SEED)
+    drawn = [build_case(rng, index, Path("/nonexistent")) for index in range(CASES)]
+    assert {command for command, *_ in drawn} == set(COMMANDS)
+    assert any(len(chosen) >= 2 for _c, chosen, *_ in drawn)
+    assert {j for *_, j, _w in drawn} == {True, False}

@@ -572,6 +572,47 @@ def test_tiny_images_are_copied_unmarked_and_counted(world, tmp_path: Path) -> N
     assert copied["00000000"].get("png") != dict(good)["00000000.png"]  # the 28x28 one is marked
 
 
+def test_a_tiny_image_first_does_not_decide_the_marker_check(world, tmp_path: Path) -> None:
+    """A 5×5 image first in the first shard failed the whole run (exit 2, audit G1): the marker
+    check at load used the first image's size. Now the check uses images the run marks; the tiny
+    one is copied byte-identical and counted, the 28×28 images the key selects are marked."""
+    from radmark.data.images import encode_png
+    from radmark.keys.sealing import load_keyfile
+    from radmark.marking.selection import is_selected
+
+    tiny = encode_png(np.random.default_rng(0).integers(0, 256, (5, 5, 1), dtype=np.uint8))
+    good = [s for s in iter_samples(str(world["in"] / "data-000000.tar"))]
+    members = [("tiny.png", tiny), ("tiny.cls", b"3")]
+    members += [(f"{s.key}.{e}", d) for s in good for e, d in s.members]
+    shard = _tar(tmp_path / "in" / "tinyfirst-000000.tar", members)
+    out = tmp_path / "out"
+    res = run(*_args(world, out, "--json", shards=[str(shard)]))
+    assert res.exit_code == 0, res.output
+    key, _ = load_keyfile(world["key"], lambda: None)
+    selected = {s.key for s in good if is_selected(key.selection_seed(), s.key, 0.5)}
+    assert 0 < len(selected) < len(good)
+    doc = json.loads(res.stdout)
+    assert (doc["images"], doc["marked"], doc["skipped"]) == (17, len(selected), 1), doc
+    written = {s.key: s.get("png") for s in iter_samples(str(out / shard.name))}
+    assert written["tiny"] == tiny
+    for s in good:
+        assert (written[s.key] != s.get("png")) == (s.key in selected), s.key
+    # the check at load still runs, on the 28×28 images: an overflowing marker is refused there
+    broken = make_broken_marker(tmp_path / "overflow.safetensors", "overflow")
+    args = _args(world, tmp_path / "out3", "--json", shards=[str(shard)])
+    args[args.index("--marker") + 1] = str(broken)
+    _one_error_line(run(*args), "features are not finite", "on the first images")
+    # a shard of only tiny images: nothing to mark, every image copied and counted, exit 0
+    only = _tar(tmp_path / "in2" / "tiny-000000.tar",
+                [(f"t{i}.{e}", tiny if e == "png" else b"1") for i in range(3)
+                 for e in ("png", "cls")])  # fmt: skip
+    res = run(*_args(world, tmp_path / "out2", "--json", shards=[str(only)]))
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert (doc["images"], doc["marked"], doc["skipped"]) == (3, 0, 3), doc
+    assert (tmp_path / "out2" / only.name).read_bytes() == only.read_bytes()
+
+
 def test_names_that_are_not_utf8_are_marked(world, tmp_path: Path) -> None:
     """A shard file and member names with Latin-1 bytes were a traceback; bytes are kept."""
     good = _good_members(world)

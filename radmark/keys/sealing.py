@@ -61,7 +61,11 @@ def seal_secret(
     key: SecretKey, fingerprint: str, passphrase: str | None, *, scrypt_n: int = SCRYPT_N
 ) -> dict[str, Any]:
     """The secret as a JSON document: plain (rely on 0600) or scrypt + ChaCha20-Poly1305."""
-    doc: dict[str, Any] = {"type": SECRET_TYPE, "format_version": 1, "fingerprint": fingerprint}
+    doc: dict[str, Any] = {
+        "type": SECRET_TYPE,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+    }
     if not passphrase:
         return {**doc, "encryption": "none", "secret": b64encode(key.secret_bytes())}
     salt, nonce = os.urandom(16), os.urandom(12)
@@ -86,6 +90,7 @@ def open_secret(
     """Decrypt (if needed) and check that the secret derives exactly ``record``'s public key."""
     if doc.get("type") != SECRET_TYPE or doc.get("fingerprint") != record.fingerprint:
         raise IntegrityError(f"{where}: not the secret of key {address(record.fingerprint)}")
+    _check_format_version(doc, where, "secret")
     enc = doc.get("encryption")
     try:
         if enc == "none":
@@ -116,6 +121,20 @@ def open_secret(
     return key
 
 
+FORMAT_VERSION = 1  # of the secret document and the key file; later versions read this one
+
+
+def _check_format_version(doc: dict[str, Any], where: str, what: str) -> None:
+    """A version this radmark does not know is refused, never guessed at (a newer radmark may
+    seal differently; an edited version field is tampering)."""
+    version = doc.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise IntegrityError(
+            f"{where}: {what} format version {version!r} is not one this radmark reads "
+            f"({FORMAT_VERSION}); upgrade radmark or check the file"
+        )
+
+
 def parse_canonical(data: bytes, where: str) -> dict[str, Any]:
     try:
         obj = json.loads(data.decode("utf-8"))
@@ -141,7 +160,7 @@ def keyfile_bytes(record: PublicKeyRecord, secret_doc: dict[str, Any]) -> bytes:
     return canonical_json(
         {
             "type": KEYFILE_TYPE,
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "public_record": record.signed,
             "secret": secret_doc,
         }
@@ -164,5 +183,6 @@ def load_keyfile(path: Path, passphrase: PassphraseFn) -> tuple[SecretKey, Publi
         raise IntegrityError(f"{path}: not a radmark key file")
     if not isinstance(public, dict):
         raise IntegrityError(f"{path}: not a radmark key file (no public record)")
+    _check_format_version(doc, str(path), "key file")
     record = PublicKeyRecord.from_signed(public, str(path))
     return open_secret(doc["secret"], record, passphrase, str(path)), record

@@ -307,3 +307,21 @@ def test_edited_scrypt_parameters_in_a_key_file_are_refused(tmp_path: Path) -> N
     with pytest.raises(IntegrityError, match="scrypt parameters"):
         load_keyfile(tmp_path / "o.key", lambda: "pw")
     assert res.fingerprint == address(pub.fingerprint)
+
+
+@pytest.mark.parametrize("where", ["key file", "secret"])
+@pytest.mark.parametrize("version", [2, 99, "1", None, True])
+def test_unknown_format_versions_are_refused(tmp_path: Path, where: str, version: object) -> None:
+    """A key file or secret of a version this radmark does not know is refused, not guessed at
+    (before issue #12's fuzz found it, format_version 99 imported with exit 0)."""
+    res = generate_key(tmp_path / "ks", passphrase=None, out_file=tmp_path / "o.key")
+    doc = json.loads((tmp_path / "o.key").read_bytes())
+    target = doc if where == "key file" else doc["secret"]
+    if version is None:
+        del target["format_version"]
+    else:
+        target["format_version"] = version
+    (tmp_path / "o.key").write_bytes(canonical_json(doc))
+    with pytest.raises(IntegrityError, match="format version"):
+        load_keyfile(tmp_path / "o.key", lambda: None)
+    assert res.fingerprint

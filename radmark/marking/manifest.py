@@ -37,6 +37,7 @@ from radmark.errors import InputError, RadmarkError
 from radmark.fsutil import atomic_write_bytes
 from radmark.keys.sealing import check_private
 from radmark.keys.store import Keystore
+from radmark.marking.methods import DEFAULT_METHOD
 
 LOCK = ".radmark.lock"
 #: What radmark before issue #12 wrote into --out; it lists the marked samples.
@@ -440,7 +441,7 @@ def config(
         "shards": names,
         "on_error": options.on_error,
     }
-    if method != "radioactive":  # absent = radioactive, as in records
+    if method != DEFAULT_METHOD:  # absent = the default method, as in records
         cfg["method"] = method
     if options.reencode_all:  # absent = only marked images are re-encoded
         cfg["reencode_all"] = True

@@ -32,7 +32,7 @@ from radmark.marking.budget import (
     psnr,
     round_levels,
 )
-from radmark.marking.methods import Budget, MarkBatchResult, register_method
+from radmark.marking.methods import Budget, CarrierMark, MarkBatchResult, register_method
 from radmark.marking.presets import PRESETS, MarkingParams, get_preset
 from radmark.marking.views import random_views
 
@@ -241,6 +241,11 @@ class RadioactiveMethod:
         "black_box_rank",
     )
     presets: tuple[str, ...] = tuple(PRESETS)
+
+    @property
+    def decoy_kit(self) -> CarrierMark:
+        """Decoy slots are marked exactly as the data was, with decoy carriers for true ones."""
+        return mark_batch
 
     def params(self, preset: str, overrides: Mapping[str, Any]) -> MarkingParams:
         return get_preset(preset, **overrides)

@@ -167,14 +167,15 @@ def test_power_when_the_model_prefers_the_published_twin() -> None:
 def test_high_loss_keep_marks_only_the_hardest_half(marker) -> None:
     """keep = 0.5: the half of the batch with the highest marker loss gets twins, the rest stay
     byte-identical and out of the kit; which half does not depend on the key."""
-    from radmark.marking.twins import PRESETS, _TwinsRun
+    from radmark.marking.twins import PRESETS
 
     images, labels = fmnist(8, offset=40)
     x, y = torch.from_numpy(images[:, None]), torch.from_numpy(labels)
     ids = [f"s/{i}" for i in range(8)]
     outs = []
     for k in (1, 2):
-        run = _TwinsRun(_key(k), marker, replace(PRESETS["hiloss"], steps=2), "cpu")
+        params = replace(PRESETS["hiloss"], steps=2)
+        run = get_method("twins").start(_key(k), marker, 10, params, device="cpu")
         res = run.mark(x, y, ids, generator=torch.Generator().manual_seed(0))
         changed = (res.images != x).flatten(1).any(1)
         assert int(changed.sum()) == 4

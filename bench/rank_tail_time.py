@@ -6,7 +6,7 @@ Cases: C = 10, 100, 1000 classes with slots 40 (the white-box rank test), 10,000
 slots 2 and 8 (the per-image twin test), 1000 units with slots 1000 (the key-image test). Each is
 timed on a null draw (uniform ranks: the bulk, the old code's expensive case) and a signal draw
 (half the units at rank 1: a deep tail), both with cold caches, at the default lattice
-(resolution 1e-3, max_bins 200,000). The old implementation (ranks._rank_log_sf_reference) runs in a child process
+(resolution 1e-3, max_bins 200,000). The old implementation (lattice.rank_log_sf_reference) runs in a child process
 with a wall-clock limit, since at 10,000 units it takes many minutes; a case past the limit is
 reported as ``old_s`` = the limit with ``old_timed_out`` = true (a lower bound).
 
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from radmark.verify import ranks as stats
+from radmark.verify.lattice import rank_log_sf_reference
 
 CASES: list[tuple[str, int, int]] = [
     ("C=10 slots=40", 10, 40),
@@ -50,8 +51,7 @@ def draws(units: int, slots: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _clear() -> None:
-    stats._RANK_CDF_CACHE.clear()
-    stats._RANK_TABLE_CACHE.clear()
+    stats.clear_caches()
 
 
 def time_new(ranks: np.ndarray, slots: int) -> tuple[float, float]:
@@ -64,7 +64,7 @@ def time_new(ranks: np.ndarray, slots: int) -> tuple[float, float]:
 def _old_child(ranks: np.ndarray, slots: int, out: Any) -> None:
     _clear()
     t0 = time.perf_counter()
-    lp = stats._rank_log_sf_reference(ranks, slots)
+    lp = rank_log_sf_reference(ranks, slots)
     out.put((time.perf_counter() - t0, lp))
 
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         },
         "lattice": {"resolution": 1e-3, "max_bins": 200_000},
-        "tolerance_ln_p": stats._RANK_LOG_TOL,
+        "tolerance_ln_p": stats.RANK_LOG_TOL,
         "old_timeout_s": None if args.skip_old else args.old_timeout,
         "cases": rows,
     }

@@ -349,30 +349,25 @@ def black_box_null(
     Marking a fresh kit per random key costs (K+1) × kit images markings per key, too much for
     1000 keys here; the full pipeline's calibration over 200 real keys is a CI test
     (tests/unit/test_kit.py). What this measures is the exactness argument itself: with the
-    clean suspect's slot statistics T fixed, the true slots of ``num_keys`` fresh keys are drawn
-    and the test run as verify runs it; P(p <= a | T) <= a must hold for every T.
+    clean suspect's slot statistics T fixed (``Evidence`` computes them once per kit), the true
+    slots of ``num_keys`` fresh keys are drawn and each key scored through the verification seam
+    (``score``), exactly as verify scores it; P(p <= a | T) <= a must hold for every T.
     """
     from radmark.keys.keypair import SecretKey
     from radmark.keys.store import Keystore
-    from radmark.marking.kit import true_slots
-    from radmark.verify.black_box import rank_result, residualise, true_slot_ranks
+    from radmark.verify.black_box import BLACK_BOX
     from radmark.verify.evidence import EvidenceSettings, prepare
+    from radmark.verify.tests import score
 
     store = Keystore.open(ks)
     evidence = prepare(str(suspect_path), store=store, settings=EvidenceSettings(device=device))
     out: dict[str, Any] = {}
     for run in runs:
         rec = store.mark_record(run["mark"]["record"])
-        t, ref = evidence.kit_statistics(rec)
-        r = residualise(t, ref)  # as verify scores the slots: residual on the marker's responses
-        s, c = r.shape
         lp = [
-            rank_result(
-                true_slot_ranks(r, true_slots(SecretKey.generate(), rec.address, c, s)),
-                s, "", "carriers", "black_box_rank",
-            ).log10_p
+            score(evidence, rec, SecretKey.generate(), [BLACK_BOX])[BLACK_BOX].log10_p
             for _ in range(num_keys)
-        ]  # fmt: skip
+        ]
         out[f"black_box_rank[{run['name']} kit, T fixed]"] = _calibration(
             lp, num_keys, conservative=True
         )

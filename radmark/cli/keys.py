@@ -1,8 +1,7 @@
-"""``radmark keygen`` and ``radmark keys list | show | export-public``."""
+"""``radmark keygen`` and ``radmark keys list | show | export-public | import``."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +42,7 @@ def keygen(
     from radmark.fsutil import check_new_target
     from radmark.keys.manage import generate_key
     from radmark.report import console
+    from radmark.report.jsonout import keygen_json
 
     if out_file is not None:  # before the passphrase prompt, not after
         check_new_target(out_file, force=force, what="--out")
@@ -54,15 +54,7 @@ def keygen(
             raise UsageError("--passphrase needs RADMARK_PASSPHRASE or an interactive terminal")
     result = generate_key(keystore, passphrase=pw, out_file=out_file, force=force)
     if json_out:
-        emit_json(
-            {
-                "fingerprint": result.fingerprint,
-                "path": str(result.path),
-                "keystore": str(result.keystore),
-                "encrypted": result.encrypted,
-                "key_file": str(result.key_file) if result.key_file else None,
-            }
-        )
+        emit_json(keygen_json(result))
         return
     console.keygen(result)
     typer.echo(result.fingerprint)
@@ -71,20 +63,15 @@ def keygen(
 @command(keys_app, "list")
 def keys_list(keystore: KeystoreOpt = Path("keys"), json_out: JsonOpt = False) -> None:
     """List keys and mark records (every object is re-hashed and its signature checked)."""
-    from radmark.keys.manage import list_entries
+    from radmark.keys.manage import list_keystore
     from radmark.report import console
+    from radmark.report.jsonout import keys_list_json
 
-    entries = list_entries(keystore)
+    listing = list_keystore(keystore)
     if json_out:
-        emit_json(
-            {
-                "entries": [
-                    {"kind": e.kind, "address": f"sha256:{e.address}", **e.summary} for e in entries
-                ]
-            }
-        )
+        emit_json(keys_list_json(listing))
         return
-    console.keys_list(entries, str(keystore))
+    console.keys_list(listing)
 
 
 @command(keys_app, "show")
@@ -96,17 +83,11 @@ def keys_show(
     """Show a key's public record or a mark record (verified)."""
     from radmark.keys.manage import show_object
     from radmark.report import console
+    from radmark.report.jsonout import keys_show_json
 
     shown = show_object(keystore, ref)
     if json_out:
-        emit_json(
-            {
-                "address": shown.address,
-                "kind": shown.kind,
-                "record": shown.record,
-                "has_secret": shown.has_secret,
-            }
-        )
+        emit_json(keys_show_json(shown))
         return
     console.keys_show(shown)
 
@@ -126,32 +107,15 @@ def keys_export_public(
     Without --out the record's canonical bytes go to stdout. Under --json stdout carries one
     document instead: ``{"schema_version", "address", "record", "path"}``.
     """
-    import json
-
-    from radmark.fsutil import atomic_write_bytes, check_new_target
     from radmark.keys.manage import export_public
+    from radmark.report import console
+    from radmark.report.jsonout import public_export_json
 
-    if out_file is not None:
-        check_new_target(out_file, force=force, what="--out")
-    data = export_public(keystore, ref)
-    if out_file is not None:
-        from radmark.report import console
-
-        atomic_write_bytes(out_file, data + b"\n", overwrite=force)
-        if not json_out:
-            console.err().print(f"wrote {out_file}")
+    res = export_public(keystore, ref, out_file, force=force)
     if json_out:
-        from radmark.canonical import address, sha256_hex
-
-        emit_json(
-            {
-                "address": address(sha256_hex(data)),
-                "record": json.loads(data),
-                "path": str(out_file) if out_file is not None else None,
-            }
-        )
-    elif out_file is None:
-        sys.stdout.write(data.decode("utf-8") + "\n")
+        emit_json(public_export_json(res))
+        return
+    console.public_export(res)
 
 
 @command(keys_app, "import")
@@ -168,13 +132,11 @@ def keys_import(
     from radmark.cli.app import passphrase_fn
     from radmark.keys.manage import import_key
     from radmark.report import console
+    from radmark.report.jsonout import key_import_json
 
     res = import_key(keystore, key_file, passphrase_fn())
     if json_out:
-        emit_json({"fingerprint": res.fingerprint, "path": str(res.path),
-                   "keystore": str(res.keystore), "encrypted": res.encrypted,
-                   "already_present": res.already})  # fmt: skip
+        emit_json(key_import_json(res))
         return
-    what = "already in" if res.already else "imported into"
-    console.err().print(f"key {res.fingerprint} {what} keystore {res.keystore}")
+    console.key_imported(res)
     typer.echo(res.fingerprint)

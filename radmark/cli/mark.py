@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -24,6 +24,9 @@ from radmark.cli.app import (
     resolve_device,
 )
 from radmark.errors import UsageError
+
+if TYPE_CHECKING:
+    from radmark.marking.run import Progress as MarkProgress
 
 ON_ERROR = ("fail", "skip")
 
@@ -211,31 +214,14 @@ def mark(
                         tests=plan_tests.split(",") if plan_tests else None)  # fmt: skip
     options = replace(options, plan=plan.to_record())
     secret, record = load_secret_key(keystore, key, passphrase_fn())
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 reports
-    with Progress(
-        TextColumn("[bold]marking"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console.err(),
-        transient=True,
-        disable=json_out or rank != 0,
-    ) as bar:
-        task = bar.add_task("shards", total=None, info="")
+    with console.progress("marking", enabled=not json_out and rank == 0) as bar:
+        task = bar.add_task("", total=None)
         t0 = time.perf_counter()
 
-        def on_progress(p: Any) -> None:
-            rate = p.images_done / max(time.perf_counter() - t0, 1e-9)
-            psnr = f"{p.psnr_mean:.1f} dB" if p.psnr_mean is not None else "-"
-            bar.update(
-                task,
-                total=p.shards_total,
-                completed=p.shards_done,
-                info=f"{p.images_done} images, {p.marked_done} marked, {rate:.1f} img/s, PSNR {psnr}",
-            )
+        def on_progress(p: MarkProgress) -> None:
+            status = console.marking_status(p, time.perf_counter() - t0)
+            bar.update(task, total=p.shards_total, completed=p.shards_done, description=status)
 
         result = mark_shards(
             shards,
@@ -291,10 +277,11 @@ def marker_train(
     """
     from radmark.models.training import train_marker
     from radmark.report import console
+    from radmark.report.jsonout import train_json
 
     def on_epoch(epoch: int, acc: float) -> None:
         if not json_out:
-            console.err().print(f"epoch {epoch}/{epochs}: train accuracy {acc:.3f}")
+            console.marker_epoch(epoch, epochs, acc)
 
     res = train_marker(
         shards,
@@ -312,18 +299,7 @@ def marker_train(
         force=force,
     )
     if json_out:
-        emit_json(
-            {
-                "path": str(res.path),
-                "sha256": res.sha256,
-                "arch": res.arch,
-                "num_classes": res.num_classes,
-                "images": res.images,
-                "epochs": res.epochs,
-                "train_accuracy": res.train_accuracy,
-                "seconds": res.seconds,
-            }
-        )
+        emit_json(train_json(res))
         return
     console.marker_trained(res)
     typer.echo(f"sha256:{res.sha256}")

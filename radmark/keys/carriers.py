@@ -12,7 +12,7 @@ bit-identical float32 vectors. The procedure (format ``radmark-carriers-v1``) is
 3. Read the stream as little-endian uint64 words; word w gives ``v = (w >> 11) · 2⁻⁵² − 1`` in
    [−1, 1) (53 random bits, exact). Consecutive words form pairs (a, b).
 4. Marsaglia's polar method: s = a² + b²; reject the pair if s == 0 or s ≥ 1; otherwise emit
-   ``a·f, b·f`` with ``f = sqrt(−2·ln(s)/s)``. ``ln`` is :func:`_ln` below (frexp + a fixed
+   ``a·f, b·f`` with ``f = sqrt(−2·ln(s)/s)``. ``ln`` is :func:`exact_ln` below (frexp + a fixed
    14-term atanh series, Horner order), not the platform libm, which may differ by an ulp.
 5. Fill a float64 [C, d] matrix row-major with the first C·d normals; per row, the squared
    norm is accumulated sequentially over columns 0..d−1; the row is divided by its sqrt and
@@ -37,11 +37,12 @@ _SERIES_TERMS = 14
 _COEFS = [1.0 / (2 * k + 1) for k in range(_SERIES_TERMS)]  # correctly rounded divisions
 
 
-def _ln(x: np.ndarray) -> np.ndarray:
+def exact_ln(x: np.ndarray) -> np.ndarray:
     """Natural log of positive float64 values using only exactly-specified IEEE operations.
 
     x = m·2^e with m in [√½, √2); ln m = 2·atanh(y), y = (m−1)/(m+1), |y| ≤ 0.1716, so 14
     terms of the odd series reach float64 precision. Identical bits on every IEEE platform.
+    Part of the carrier format (step 4 of the module docstring), hence a public name.
     """
     m, e = np.frexp(x)  # m in [0.5, 1)
     small = m < 0.7071067811865476
@@ -83,7 +84,7 @@ def derive_carriers(seed: bytes, d: int, num_classes: int, marker_id: str) -> np
         if 2 * a.size >= need:
             break
         pairs *= 2
-    f = np.sqrt((-2.0 * _ln(s)) / s)
+    f = np.sqrt((-2.0 * exact_ln(s)) / s)
     normals = np.empty(2 * a.size, dtype=np.float64)
     normals[0::2] = a * f
     normals[1::2] = b * f

@@ -1,17 +1,19 @@
 """Key and keystore operations behind ``radmark keygen`` and ``radmark keys``.
 
-Each returns a small dataclass for the CLI to render; none prints.
+Each command calls one function here, which returns a small dataclass for ``report/`` to render
+(JSON in ``report/jsonout.py``, rich text in ``report/console.py``); none prints.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radmark.canonical import address, canonical_json
+from radmark.canonical import address, canonical_json, sha256_hex
 from radmark.fsutil import atomic_write_bytes, check_new_target
 from radmark.keys.keypair import KEY_RECORD_TYPE, PublicKeyRecord, SecretKey
 from radmark.keys.records import MARK_RECORD_TYPE
@@ -60,7 +62,7 @@ class ImportResult:
     path: Path  # the secret file in the keystore
     keystore: Path
     encrypted: bool
-    already: bool  # the keystore held this key's secret already
+    already_present: bool  # the keystore held this key's secret already
 
 
 def import_key(
@@ -82,14 +84,21 @@ def import_key(
     return ImportResult(fp, path, Path(keystore), bool(pw), False)
 
 
-def list_entries(keystore: Path) -> list[Entry]:
-    return Keystore.open(keystore).entries()
+@dataclass(frozen=True)
+class KeyListing:
+    keystore: Path
+    entries: list[Entry]  # every stored object, verified, oldest first
+
+
+def list_keystore(keystore: Path) -> KeyListing:
+    """Every key, mark record and kit in ``keystore`` (each re-hashed, its signature checked)."""
+    return KeyListing(Path(keystore), Keystore.open(keystore).entries())
 
 
 @dataclass(frozen=True)
 class ShownObject:
-    kind: str
-    address: str
+    address: str  # sha256:<hex>
+    kind: str  # "key" | "mark" | another record type
     record: dict[str, Any]
     has_secret: bool
 
@@ -100,12 +109,31 @@ def show_object(keystore: Path, ref: str) -> ShownObject:
     obj = store.objects[hexd]
     kind_name = str(obj.get("type"))
     kind = {KEY_RECORD_TYPE: "key", MARK_RECORD_TYPE: "mark"}.get(kind_name, kind_name)
-    return ShownObject(kind, address(hexd), obj, hexd in store.secrets)
+    return ShownObject(address(hexd), kind, obj, hexd in store.secrets)
 
 
-def export_public(keystore: Path, ref: str) -> bytes:
+@dataclass(frozen=True)
+class PublicExport:
+    address: str  # sha256:<hex> of ``data``
+    record: dict[str, Any]  # the signed public record
+    path: Path | None  # the file written (``--out``), or None
+    data: bytes  # the record's canonical bytes: what is published
+
+
+def export_public(
+    keystore: Path, ref: str, out_file: Path | None = None, *, force: bool = False
+) -> PublicExport:
+    """The signed public record ``ref`` as canonical bytes, written to ``out_file`` when given.
+
+    An existing ``out_file`` is refused unless ``force`` (checked before anything is read).
+    """
+    if out_file is not None:
+        check_new_target(out_file, force=force, what="--out")
     store = Keystore.open(keystore)
-    return canonical_json(store.objects[store.resolve(ref)])
+    data = canonical_json(store.objects[store.resolve(ref)])
+    if out_file is not None:
+        atomic_write_bytes(out_file, data + b"\n", overwrite=force)
+    return PublicExport(address(sha256_hex(data)), json.loads(data), out_file, data)
 
 
 def is_key_file(ref: str) -> bool:

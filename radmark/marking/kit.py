@@ -33,6 +33,7 @@ from radmark.keys.records import KitRecord, MarkRecord, kit_record_body
 from radmark.keys.store import Keystore
 
 if TYPE_CHECKING:
+    from radmark.marking.methods import CarrierMark
     from radmark.models.loaded import LoadedModel
 
 KIT_FORMAT = "radmark-kit-v1"
@@ -156,19 +157,19 @@ def mark_kit_images(
     features: Callable[[Any], Any],
     params: Any,
     *,
+    mark: CarrierMark,
     device: str = "cpu",
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every slot's marked copy of the kit images: uint8 [S, N, ch, H, W] and PSNRs [S·N].
 
-    clean: uint8 [N, ch, H, W]; labels: int64 [N]; carriers: float32 [S, C, d] (slot_carriers).
+    clean: uint8 [N, ch, H, W]; labels: int64 [N]; carriers: float32 [S, C, d] (slot_carriers);
+    mark: the record's method's decoy-kit step (``decoy_kit_step``), params its parameters.
     One fixed augmentation stream for every slot, so each slot is the same function of its
     carriers (exactness needs only π uniform and independent, but this keeps the slots alike).
     """
     import torch
-
-    from radmark.marking.radioactive import mark_batch
 
     s, n = int(carriers.shape[0]), int(clean.shape[0])
     marked = np.empty((s, *clean.shape), dtype=np.uint8)
@@ -180,7 +181,7 @@ def mark_kit_images(
         for i in range(0, n, batch_size):
             x = torch.from_numpy(clean[i : i + batch_size]).to(device)
             y = torch.from_numpy(labels[i : i + batch_size]).to(device)
-            res = mark_batch(x, y, u, features, params, generator=gen)
+            res = mark(x, y, u, features, params, generator=gen)
             marked[slot, i : i + batch_size] = res.images.cpu().numpy()
             psnrs.append(res.psnr.cpu().numpy())
             done += int(x.shape[0])
@@ -211,7 +212,8 @@ def build_kit(
     ``marker``: the record's marker when the caller has it loaded already (identity checked).
     """
     from radmark.data.arrays import load_labelled_images
-    from radmark.marking.methods import get_method
+    from radmark.keys.plan import Plan
+    from radmark.marking.methods import decoy_kit_step, get_method
     from radmark.models.markers import load_marker
 
     t0 = time.perf_counter()
@@ -229,17 +231,13 @@ def build_kit(
             f"mark record {record.short} has a verification kit already; kits are built once per "
             "record (verification uses the first one), pass --force to build another anyway"
         )
-    planned = (record.plan or {}).get("kit")
-    if planned and (planned.get("decoys"), planned.get("per_class")) != (decoys, per_class):
+    planned = Plan.from_record(record.plan).kit if record.plan is not None else None
+    if planned and (planned["decoys"], planned["per_class"]) != (decoys, per_class):
         raise UsageError(
-            f"mark record {record.short} planned a kit of {planned.get('decoys')} decoys and "
-            f"{planned.get('per_class')} images per class; build that one (--decoys, --per-class)"
+            f"mark record {record.short} planned a kit of {planned['decoys']} decoys and "
+            f"{planned['per_class']} images per class; build that one (--decoys, --per-class)"
         )
-    if record.method != "radioactive":
-        raise UsageError(
-            f"mark record {record.short} was made with the {record.method!r} method; decoy "
-            "kits are for the radioactive method"
-        )
+    mark = decoy_kit_step(record.method, f"mark record {record.short}")
     if marker is None or marker.identity != record.marker.id:
         marker = load_marker(record.marker, marker_spec, device, record=record.short)
     c = record.num_classes
@@ -254,9 +252,45 @@ def build_kit(
     carriers, _pi = slot_carriers(key, record, decoys)
     params = get_method(record.method).params_from_record(record.params)
     marked, ps = mark_kit_images(
-        clean, labels, carriers, marker.features, params, device=device, batch_size=batch_size,
-        progress=progress,
+        clean, labels, carriers, marker.features, params, mark=mark, device=device,
+        batch_size=batch_size, progress=progress,
     )  # fmt: skip
+    kit_record = store_kit(store, key, record, clean, labels, marked, per_class=per_class,
+                           probe=probe)  # fmt: skip
+    finite = ps[np.isfinite(ps)]
+    return KitBuildResult(
+        fingerprint=address(record.fingerprint),
+        mark_record=address(record.address),
+        kit_record=address(kit_record.address),
+        kit_sha256=address(kit_record.kit_sha256),
+        decoys=decoys,
+        per_class=per_class,
+        images=n,
+        markings=n * s,
+        psnr_mean=float(finite.mean()) if finite.size else float("inf"),
+        psnr_min=float(finite.min()) if finite.size else float("inf"),
+        kit_bytes=kit_record.kit_bytes,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def store_kit(
+    store: Keystore,
+    key: SecretKey,
+    record: MarkRecord,
+    clean: np.ndarray,
+    labels: np.ndarray,
+    marked: np.ndarray,
+    *,
+    per_class: int,
+    probe: Sequence[str],
+) -> KitRecord:
+    """Store a marked kit (0600, content-addressed) and its signed kit record; return the record.
+
+    clean: uint8 [N, ch, H, W]; labels: int64 [N]; marked: uint8 [S, N, ch, H, W] from
+    :func:`mark_kit_images` (S = decoys + 1). :func:`build_kit` ends here; a test that marks a
+    fresh kit per key stores it the same way, so verification reads it as it reads any kit.
+    """
     meta = {"format": KIT_FORMAT, "mark_record": record.address}
     blob = _kit_bytes(clean, labels, marked, meta)
     kit_hex = store.put_kit(blob)
@@ -265,29 +299,15 @@ def build_kit(
         kit_format=KIT_FORMAT,
         kit_sha256=kit_hex,
         kit_bytes=len(blob),
-        decoys=decoys,
+        decoys=int(marked.shape[0]) - 1,
         per_class=per_class,
-        images=n,
+        images=int(clean.shape[0]),
         image_shape=clean.shape[1:],
         statistic=STATISTIC,
         probe=probe,
     )
-    kit_record = store.put(key.sign(body))
-    finite = ps[np.isfinite(ps)]
-    return KitBuildResult(
-        fingerprint=address(record.fingerprint),
-        mark_record=address(record.address),
-        kit_record=address(kit_record),
-        kit_sha256=address(kit_hex),
-        decoys=decoys,
-        per_class=per_class,
-        images=n,
-        markings=n * s,
-        psnr_mean=float(finite.mean()) if finite.size else float("inf"),
-        psnr_min=float(finite.min()) if finite.size else float("inf"),
-        kit_bytes=len(blob),
-        seconds=time.perf_counter() - t0,
-    )
+    signed = key.sign(body)
+    return KitRecord.from_signed(signed, store.put(signed))
 
 
 # ---------------------------------------------------------------- loading

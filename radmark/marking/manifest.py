@@ -4,15 +4,14 @@
   out of one directory; under torchrun each rank holds its own lock file. The lock files are
   empty; nothing else but the output shards is ever written to ``--out``, which is what the owner
   publishes.
-- The run state (the settings, and per finished shard its hashes, counts and *marked sample
-  keys*) reveals which samples are marked, a secret (issue #12), so it lives in the keystore:
+- The run state (the settings, and per finished shard its hashes, counts and *marked sample keys*)
+  reveals which samples are marked, a secret (issue #12), so it lives in the keystore:
   ``<keystore>/runs/<run id>/state.json`` (0600 in 0700 directories), run id = SHA-256 of the key
   fingerprint and the resolved ``--out`` path, so the owner finds it from the command line alone.
   Torchrun ranks other than 0 write ``rank<r>.json`` beside it. The state is written atomically
-  before the first shard (pinning the settings) and after every shard; a resumed run skips
-  shards whose output exists with the hash recorded there and refuses other settings. An earlier
-  run that finished no shard needs no --resume. Resuming needs the same ``--keystore`` and the
-  same ``--out`` path.
+  before the first shard (pinning the settings) and after every shard; a resumed run skips shards
+  whose output exists with the hash recorded there and refuses other settings. An earlier run that
+  finished no shard needs no --resume; resuming needs the same ``--keystore`` and ``--out`` path.
 - Temp files left by a killed run are removed by the next run (under the lock).
 """
 
@@ -27,7 +26,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radmark.canonical import address
 from radmark.data.samples import printable
@@ -37,6 +36,10 @@ from radmark.errors import InputError, RadmarkError
 from radmark.fsutil import atomic_write_bytes
 from radmark.keys.sealing import check_private
 from radmark.keys.store import Keystore
+from radmark.marking.methods import DEFAULT_METHOD
+
+if TYPE_CHECKING:
+    from radmark.marking.options import MarkOptions
 
 LOCK = ".radmark.lock"
 #: What radmark before issue #12 wrote into --out; it lists the marked samples.
@@ -425,11 +428,11 @@ def config(
     marker_id: str,
     method: str,
     params: dict[str, Any],
-    options: Any,
+    options: MarkOptions,
     num_classes: int,
     names: list[str],
 ) -> dict[str, Any]:
-    """What must match for a resume to continue an earlier run (``options``: MarkOptions)."""
+    """What must match for a resume to continue an earlier run."""
     cfg = {
         "key": fp,
         "marker": marker_id,
@@ -440,7 +443,7 @@ def config(
         "shards": names,
         "on_error": options.on_error,
     }
-    if method != "radioactive":  # absent = radioactive, as in records
+    if method != DEFAULT_METHOD:  # absent = the default method, as in records
         cfg["method"] = method
     if options.reencode_all:  # absent = only marked images are re-encoded
         cfg["reencode_all"] = True

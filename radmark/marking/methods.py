@@ -7,7 +7,12 @@ that defines a :class:`MarkingMethod` and one :func:`register_method` call (timm
 ``@register_model`` is the model).
 
 Methods are looked up by the name a mark record stores (``method``; absent in records made before
-the seam existed, which all used the paper's method, ``radioactive``).
+the seam existed, which all used the paper's method, :data:`DEFAULT_METHOD`).
+
+A method may also say how to mark along given per-class carriers (``decoy_kit``): the black-box
+verification kit (``marking/kit.py``) marks held-out images once per carrier slot with it. A
+method without one (``decoy_kit = None``) has no decoy kit, and ``--kit-probe`` / ``kit build``
+are refused for it before any work.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from radmark.errors import UsageError
+from radmark.keys.records import DEFAULT_METHOD as DEFAULT_METHOD  # the registry's default
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +30,8 @@ if TYPE_CHECKING:
     from radmark.keys.keypair import SecretKey
     from radmark.keys.records import MarkRecord
     from radmark.models.loaded import LoadedModel
+
+FeaturesFn = Callable[["torch.Tensor"], "torch.Tensor"]  # images [B, C, H, W] -> features [B, d]
 
 
 @dataclass(frozen=True)
@@ -95,13 +103,40 @@ class MethodRun(Protocol):
         ...
 
 
+class CarrierMark(Protocol):
+    """Mark a batch along given per-class carriers: the step a decoy kit runs once per slot.
+
+    images: uint8 [B, C, H, W]; labels: int64 [B]; carriers: float32 [num_classes, d] on the
+    images' device (the true carriers in one slot, decoys in the others); features: the marker's
+    differentiable feature map; params: the method's parameters from the mark record.
+    """
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        carriers: torch.Tensor,
+        features: FeaturesFn,
+        params: Any,
+        *,
+        generator: torch.Generator,
+    ) -> MarkBatchResult: ...
+
+
 class MarkingMethod(Protocol):
-    """A registered way of marking: parameters, the per-run state, and the tests that detect it."""
+    """A registered way of marking: parameters, the per-run state, and the tests that detect it.
+
+    ``decoy_kit``: the method's mark step along given carriers, for the black-box decoy kit
+    (``marking/kit.py``), or None when the method has no decoy kit (module docstring).
+    """
 
     name: str
     description: str
     tests: tuple[str, ...]
     presets: tuple[str, ...]
+
+    @property
+    def decoy_kit(self) -> CarrierMark | None: ...
 
     def params(self, preset: str, overrides: Mapping[str, Any]) -> Any:
         """Validated parameters for ``preset`` with ``overrides`` (UsageError when invalid)."""
@@ -160,4 +195,16 @@ def method_names() -> list[str]:
     return sorted(METHODS)
 
 
-FeaturesFn = Callable[["torch.Tensor"], "torch.Tensor"]
+def decoy_kit_step(name: str, what: str) -> CarrierMark:
+    """The decoy-kit mark step of method ``name``, or a UsageError saying it has none.
+
+    ``what`` names the request in the error (``--kit-probe``, ``mark record 1a2b…``).
+    """
+    step = get_method(name).decoy_kit
+    if step is None:
+        kits = [n for n in method_names() if METHODS[n].decoy_kit is not None]
+        raise UsageError(
+            f"{what}: the {name!r} marking method has no decoy kit (the black-box kit is for "
+            f"{', '.join(kits) or 'no registered method'})"
+        )
+    return step

@@ -1,6 +1,7 @@
 """What a marking run is asked to do: the options of ``radmark mark``, checked before any work.
 
-Options are checked here, before hours of marking, not after (a bad kit probe, a bad fraction).
+Options are checked here, before hours of marking, not after (a bad kit probe, a bad fraction, a
+kit asked of a method that has none).
 ``plan`` is the verification plan the run signs into its mark record (``keys/plan.py``).
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from radmark.data.sources import expand_shards
 from radmark.errors import UsageError, check_count
+from radmark.marking.methods import DEFAULT_METHOD, decoy_kit_step
 from radmark.marking.pipeline import MAX_BATCH_PIXELS
 
 
@@ -27,7 +29,7 @@ class KitRequest:
 @dataclass(frozen=True)
 class MarkOptions:
     fraction: float = 0.1
-    method: str = "radioactive"
+    method: str = DEFAULT_METHOD
     preset: str = "default"
     overrides: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None  # default: the marker's number of classes
@@ -54,6 +56,7 @@ def check_options(options: MarkOptions) -> None:
         raise UsageError(f"--max-batch-pixels must be at least 1, got {options.max_batch_pixels}")
     check_count("--num-classes", options.num_classes)
     if options.kit is not None:  # checked before hours of marking, not after
+        decoy_kit_step(options.method, "--kit-probe")
         if options.kit.decoys < 1 or options.kit.per_class < 1:
             raise UsageError("--kit-decoys and --kit-per-class must be at least 1")
         expand_shards(options.kit.probe)

@@ -32,11 +32,13 @@ from radmark.marking.budget import (
     psnr,
     round_levels,
 )
-from radmark.marking.methods import Budget, MarkBatchResult, register_method
+from radmark.marking.methods import Budget, CarrierMark, MarkBatchResult, register_method
 from radmark.marking.presets import PRESETS, MarkingParams, get_preset
 from radmark.marking.views import random_views
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from radmark.keys.keypair import SecretKey
     from radmark.keys.records import MarkRecord
     from radmark.models.loaded import LoadedModel
@@ -194,7 +196,10 @@ def mark_batch(
 class _RadioactiveRun:
     """One run: the key's carriers for this marker, on the device (a secret: never printed)."""
 
-    def __init__(self, carriers: Any, marker: LoadedModel, params: MarkingParams, device: str):
+    def __init__(
+        self, carriers: np.ndarray, marker: LoadedModel, params: MarkingParams, device: str
+    ) -> None:
+        """carriers: float32 [C, d] unit rows (``keys/carriers.py``), a secret."""
         from radmark.keys.carriers import CARRIER_FORMAT, carriers_digest
 
         self._digest = {"format": CARRIER_FORMAT, "sha256": carriers_digest(carriers)}
@@ -241,6 +246,11 @@ class RadioactiveMethod:
         "black_box_rank",
     )
     presets: tuple[str, ...] = tuple(PRESETS)
+
+    @property
+    def decoy_kit(self) -> CarrierMark:
+        """Decoy slots are marked exactly as the data was, with decoy carriers for true ones."""
+        return mark_batch
 
     def params(self, preset: str, overrides: Mapping[str, Any]) -> MarkingParams:
         return get_preset(preset, **overrides)

@@ -42,6 +42,7 @@ from radmark.keys.store import Keystore
 from radmark.marking import manifest as mf
 from radmark.marking.distributed import ProcessGroup
 from radmark.marking.manifest import ShardReport
+from radmark.marking.methods import DEFAULT_METHOD
 from radmark.marking.options import MarkOptions, check_options
 from radmark.marking.pipeline import (
     ShardJob,
@@ -74,7 +75,7 @@ class MarkResult:
     seconds: float
     marker: str
     preset: str
-    method: str = "radioactive"
+    method: str = DEFAULT_METHOD
     kit: KitBuildResult | None = None
 
     @property

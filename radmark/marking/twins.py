@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 
 MODES = ("pm", "dir", "noise")
 TWIN_KIT_FORMAT = "radmark-twin-kit-v1"
+TWIN_KITS = "twin_kits"  # the record's method_data field: written and read only here
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -369,7 +372,24 @@ class _TwinsRun:
 
     def record_fields(self, private: Sequence[str] = ()) -> dict[str, Any]:
         """No carriers; ``method_data.twin_kits`` commits to the private kits by address."""
-        return {"carriers": None, "method_data": {"twin_kits": list(private)}}
+        return {"carriers": None, "method_data": {TWIN_KITS: list(private)}}
+
+
+def twin_kits(record: MarkRecord) -> list[str]:
+    """The keystore addresses (hex, shard order) of the private twin kits ``record`` commits to.
+
+    The one reader of ``method_data.twin_kits``; a record whose field is not a list of SHA-256
+    hex addresses is refused (IntegrityError), and a record without it has no kit ([]).
+    """
+    value = record.method_data.get(TWIN_KITS, [])
+    if not isinstance(value, list) or not all(
+        isinstance(a, str) and _HEX64.fullmatch(a) for a in value
+    ):
+        raise IntegrityError(
+            f"mark record {record.short}: method_data.{TWIN_KITS} must be a list of SHA-256 hex "
+            "addresses"
+        )
+    return list(value)
 
 
 class TwinsMethod:
@@ -379,6 +399,7 @@ class TwinsMethod:
     description = "per-image twin candidates, one published by a keyed draw (exact rank test)"
     tests: tuple[str, ...] = ("twin_rank",)
     presets: tuple[str, ...] = tuple(PRESETS)
+    decoy_kit = None  # the twins are their own kit: no per-class carriers to swap for decoys
 
     def params(self, preset: str, overrides: Mapping[str, Any]) -> TwinParams:
         if preset not in PRESETS:

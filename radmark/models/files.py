@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from radmark.data.writer import sha256_file
 from radmark.errors import ModelError, UsageError
 from radmark.fsutil import place_file
 from radmark.models.heads import resolve_head
@@ -48,14 +49,6 @@ from radmark.models.statedict import (
 
 #: A safetensors header larger than this is treated as hostile (real headers are kilobytes).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_safetensors_header(path: Path) -> dict[str, object]:

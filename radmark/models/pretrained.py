@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from radmark.data.writer import sha256_file
 from radmark.errors import ModelError
-from radmark.models.files import sha256_file
 from radmark.models.heads import resolve_head
 from radmark.models.loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, finalise
 from radmark.models.statedict import check_finite

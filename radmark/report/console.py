@@ -20,10 +20,16 @@ from rich.table import Table
 from radmark.data.samples import printable
 
 if TYPE_CHECKING:
-    from radmark.keys.manage import KeygenResult, ShownObject
-    from radmark.keys.store import Entry
+    from radmark.keys.manage import (
+        ImportResult,
+        KeygenResult,
+        KeyListing,
+        PublicExport,
+        ShownObject,
+    )
     from radmark.marking.kit import KitBuildResult
     from radmark.marking.run import MarkResult
+    from radmark.marking.run import Progress as MarkProgress
     from radmark.models.training import TrainResult
     from radmark.verify.run import VerifyResult
 
@@ -74,6 +80,13 @@ def progress(label: str, *, enabled: bool = True) -> Progress:
     )
 
 
+def marking_status(p: MarkProgress, seconds: float) -> str:
+    """The marking bar's text: images, marked, rate and mean PSNR so far."""
+    rate = p.images_done / max(seconds, 1e-9)
+    psnr = f"{p.psnr_mean:.1f} dB" if p.psnr_mean is not None else "-"
+    return f"{p.images_done} images, {p.marked_done} marked, {rate:.1f} img/s, PSNR {psnr}"
+
+
 def keygen(res: KeygenResult) -> None:
     e = err()
     e.print(f"[bold]new key[/bold] {res.fingerprint}")
@@ -83,8 +96,14 @@ def keygen(res: KeygenResult) -> None:
         e.print(f"key file: {res.key_file}")
 
 
-def keys_list(entries: list[Entry], keystore: str) -> None:
-    table = Table(title=f"keystore {keystore}")
+def key_imported(res: ImportResult) -> None:
+    what = "already in" if res.already_present else "imported into"
+    err().print(f"key {res.fingerprint} {what} keystore {res.keystore}")
+
+
+def keys_list(res: KeyListing) -> None:
+    entries = res.entries
+    table = Table(title=f"keystore {res.keystore}")
     table.add_column("kind")
     table.add_column("address", overflow="fold")
     table.add_column("created")
@@ -103,6 +122,14 @@ def keys_show(shown: ShownObject) -> None:
     if shown.kind == "key":
         o.print(f"secret in keystore: {'yes' if shown.has_secret else 'no'}")
     o.print_json(json.dumps(shown.record))
+
+
+def public_export(res: PublicExport) -> None:
+    """The canonical bytes on stdout (what is published), or where they were written."""
+    if res.path is not None:
+        err().print(f"wrote {res.path}")
+    else:
+        sys.stdout.write(res.data.decode("utf-8") + "\n")
 
 
 def kit(res: KitBuildResult) -> None:
@@ -147,6 +174,10 @@ def mark(res: MarkResult) -> None:
     e.print(f"mark record: {res.record}")
     if res.kit is not None:
         kit(res.kit)
+
+
+def marker_epoch(epoch: int, epochs: int, accuracy: float) -> None:
+    err().print(f"epoch {epoch}/{epochs}: train accuracy {accuracy:.3f}")
 
 
 def marker_trained(res: TrainResult) -> None:

@@ -17,8 +17,16 @@ from typing import TYPE_CHECKING, Any
 from radmark import SCHEMA_VERSION
 
 if TYPE_CHECKING:
+    from radmark.keys.manage import (
+        ImportResult,
+        KeygenResult,
+        KeyListing,
+        PublicExport,
+        ShownObject,
+    )
     from radmark.marking.kit import KitBuildResult
     from radmark.marking.run import MarkResult
+    from radmark.models.training import TrainResult
     from radmark.verify.run import VerifyResult
     from radmark.verify.tests import TestResult
 
@@ -44,6 +52,41 @@ def document(obj: dict[str, Any]) -> str:
 
 def error_document(kind: str, message: str) -> str:
     return document({"error": {"kind": kind, "message": message}})
+
+
+def keygen_json(res: KeygenResult) -> dict[str, Any]:
+    """``radmark keygen``: fingerprint, path, keystore, encrypted, key_file."""
+    return _plain(res)
+
+
+def key_import_json(res: ImportResult) -> dict[str, Any]:
+    """``radmark keys import``: fingerprint, path, keystore, encrypted, already_present."""
+    return _plain(res)
+
+
+def keys_list_json(res: KeyListing) -> dict[str, Any]:
+    """``radmark keys list``: one entry per stored object, its summary fields inlined."""
+    return {
+        "entries": [
+            {"kind": e.kind, "address": f"sha256:{e.address}", **_plain(e.summary)}
+            for e in res.entries
+        ]
+    }
+
+
+def keys_show_json(res: ShownObject) -> dict[str, Any]:
+    """``radmark keys show``: address, kind, the verified record, has_secret."""
+    return _plain(res)
+
+
+def public_export_json(res: PublicExport) -> dict[str, Any]:
+    """``radmark keys export-public --json``: address, record, path (never the raw bytes)."""
+    return {"address": res.address, "record": _plain(res.record), "path": _plain(res.path)}
+
+
+def train_json(res: TrainResult) -> dict[str, Any]:
+    """``radmark marker train``: path, sha256, arch, num_classes, images, epochs, accuracy, time."""
+    return _plain(res)
 
 
 def kit_json(res: KitBuildResult) -> dict[str, Any]:

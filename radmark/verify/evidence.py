@@ -6,13 +6,15 @@ classifier, each marker's features and the least-squares alignment, the pull-bac
 suspect and marker, and the suspect's and marker's responses on a record's verification kit.
 Each test (``verify/tests.py``) scores one key against it, so testing 1 or 1,000 keys costs one
 feature extraction, and the benchmark's null calibration runs exactly what ``radmark verify`` runs.
+A test with key-independent work of its own caches it here with :meth:`Evidence.cached` (the twin
+test's candidate scores, ``verify/twin_rank.py``), so a new test needs no edit of this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from radmark.verify.alignment import Alignment
 
 POOR_ALIGNMENT_R2 = 0.5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,15 @@ class Evidence:
     notes: list[str] = field(default_factory=list)
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
-    def _once(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    def cached(self, key: tuple[Any, ...], make: Callable[[], T]) -> T:
+        """``make()``, computed on the first call with ``key`` only (key-independent work).
+
+        ``key`` names the quantity and what it depends on, e.g. ``("twin-scores", record
+        address)``; tests use their own first element so that keys never collide.
+        """
         if key not in self._cache:
             self._cache[key] = make()
-        return self._cache[key]
+        return cast("T", self._cache[key])
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -69,7 +77,7 @@ class Evidence:
         from radmark.models.markers import load_marker
 
         s = self.settings
-        return self._once(
+        return self.cached(
             ("marker", record.marker.id),
             lambda: load_marker(record.marker, s.marker_spec, s.device, record=record.short),
         )
@@ -83,12 +91,12 @@ class Evidence:
     def suspect_features(self) -> np.ndarray:
         """float64 [N, d_s]: the suspect's penultimate features on the probe set."""
         probe = self.require_probe("the white-box test")
-        return self._once(("features", "suspect"), lambda: self._features(self.suspect, probe))
+        return self.cached(("features", "suspect"), lambda: self._features(self.suspect, probe))
 
     def marker_features(self, record: MarkRecord) -> np.ndarray:
         probe = self.require_probe("the white-box test")
         marker = self.marker(record)
-        return self._once(("features", record.marker.id), lambda: self._features(marker, probe))
+        return self.cached(("features", record.marker.id), lambda: self._features(marker, probe))
 
     def _features(self, model: LoadedModel, probe: Probe) -> np.ndarray:
         import torch
@@ -129,7 +137,7 @@ class Evidence:
                 )
             return al
 
-        return self._once(("alignment", record.marker.id), make)
+        return self.cached(("alignment", record.marker.id), make)
 
     def mapped_rows(self, record: MarkRecord) -> np.ndarray:
         """The suspect's class rows in the marker's space, unit norm, [C, d] (white-box test).
@@ -154,11 +162,11 @@ class Evidence:
                 labels, center=self.settings.center,
             )  # fmt: skip
 
-        return self._once(("mapped-rows", record.marker.id), make)
+        return self.cached(("mapped-rows", record.marker.id), make)
 
     def suspect_weight(self) -> np.ndarray:
         """The suspect's classifier weight, float64 [C, d_s]."""
-        return self._once(("weight",), lambda: self.suspect.weight().numpy())
+        return self.cached(("weight",), lambda: self.suspect.weight().numpy())
 
     def pullback(self, record: MarkRecord) -> tuple[np.ndarray, np.ndarray, bool]:
         """Pull-back directions of the suspect and of the marker (reference), [C, d] each, and
@@ -180,29 +188,14 @@ class Evidence:
             )  # fmt: skip
             return v, v_ref, labels is not None
 
-        return self._once(("pullback", record.marker.id, record.num_classes), make)
-
-    # ------------------------------------------------------------------ twins
-    def twin_scores(self, record: MarkRecord) -> tuple[list[str], np.ndarray]:
-        """The suspect's score of every twin candidate of ``record``, residualised on the
-        marker's (``verify/twin_rank.py``): ids [N], float64 [N, M]."""
-        from radmark.verify.twin_rank import candidate_scores, load_twin_kits, residualise
-
-        def make() -> tuple[list[str], np.ndarray]:
-            ids, labels, cands = load_twin_kits(self, record)
-            dev = self.settings.device
-            own = candidate_scores(self.suspect.logits, cands, labels, device=dev)
-            ref = candidate_scores(self.marker(record).logits, cands, labels, device=dev)
-            return ids, residualise(own, ref)
-
-        return self._once(("twin-scores", record.address), make)
+        return self.cached(("pullback", record.marker.id, record.num_classes), make)
 
     # ------------------------------------------------------------------ black box
     def kit(self, record: MarkRecord) -> tuple[KitRecord, Kit]:
         """The record's verification kit (its first), hash-checked."""
         from radmark.marking.kit import first_kit, load_kit
 
-        return self._once(("kit", record.address), lambda: load_kit(self.store, first_kit(
+        return self.cached(("kit", record.address), lambda: load_kit(self.store, first_kit(
             self.store, record)))  # fmt: skip
 
     def kit_statistics(self, record: MarkRecord) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +212,7 @@ class Evidence:
                                   batch_size=s.batch_size)  # fmt: skip
             return t, ref
 
-        return self._once(("kit-stats", record.address), make)
+        return self.cached(("kit-stats", record.address), make)
 
 
 def prepare(

@@ -1,10 +1,11 @@
 """The rank lattice and its sequential exact convolution: the definition rank tests rest on.
 
 A rank test's statistic is S = Σ_c ⌈ln r_c / h⌉·h with ranks i.i.d. uniform on 1..slots under H0;
-:func:`_rank_setup` fixes the lattice step h and every unit's bin, and
-:func:`_rank_log_sf_reference` computes P(S <= s_obs) by convolving unit by unit in log space.
+:func:`rank_lattice` fixes the lattice step h and every rank's bin, and
+:func:`rank_log_sf_reference` computes P(S <= s_obs) by convolving unit by unit in log space.
 That is exact but slow at thousands of units; ``verify/ranks.py`` computes the same tail by FFT
-with a proven error bound and falls back to this one when it cannot certify its answer.
+with a proven error bound and falls back to this one when it cannot certify its answer. Both
+names are public: tests and ``bench/rank_tail_time.py`` check the FFT against this reference.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ _RANK_CDF_CACHE: dict[tuple[int, int, float, str], np.ndarray] = {}
 _RANK_CDF_CACHE_MAX = 16
 
 
-def _rank_lattice(slots: int, classes: int, resolution: float, max_bins: int):
-    """Step h, the bin k(r) = ⌈ln r / h⌉ of every rank r = 1..slots, and the top bin m."""
+def rank_lattice(
+    slots: int, classes: int, resolution: float, max_bins: int
+) -> tuple[float, np.ndarray, int]:
+    """Step h, the bin k(r) = ⌈ln r / h⌉ of every rank r = 1..slots (int64 [slots]), top bin m.
+
+    The statistic's definition, shared by :func:`rank_log_sf_reference` and ``ranks.rank_log_sf``.
+    """
     per_class = (max_bins - 1) // classes  # bins a class may span so that C·m + 1 <= max_bins
     h = max(float(resolution), math.log(slots) / per_class)
     k = np.ceil(np.log(np.arange(1, slots + 1, dtype=np.float64)) / h).astype(np.int64)
@@ -109,7 +115,7 @@ def _rank_setup(
         raise UsageError(f"ranks must lie in 1..{slots} (slots)")
     if max_bins < classes + 1:
         raise UsageError(f"max_bins must be > the number of classes ({classes}); got {max_bins}")
-    h, bins, top = _rank_lattice(slots, classes, resolution, int(max_bins))
+    h, bins, top = rank_lattice(slots, classes, resolution, int(max_bins))
     s_obs = int(np.sum(bins[rf.astype(np.int64) - 1]))  # S / h, an exact integer
     s_max = classes * top
     mean = classes * float(np.mean(bins))
@@ -119,12 +125,13 @@ def _rank_setup(
     return slots, classes, h, bins, top, s_obs, s_max, lower
 
 
-def _rank_log_sf_reference(
+def rank_log_sf_reference(
     ranks: np.ndarray, slots: int, *, resolution: float = 1e-3, max_bins: int = 200_000
 ) -> float:
-    """rank_log_sf by sequential log-space convolution: slow, obviously exact; for tests.
+    """``ranks.rank_log_sf`` by sequential log-space convolution: slow, obviously exact.
 
-    Same statistic, lattice and validation as :func:`rank_log_sf`; also its fallback.
+    Same statistic, lattice and validation as ``rank_log_sf``, whose fallback it is; the
+    reference tests and benchmarks compare that function against.
     """
     slots, classes, h, bins, top, s_obs, s_max, lower = _rank_setup(
         ranks, slots, resolution, max_bins

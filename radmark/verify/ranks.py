@@ -6,8 +6,9 @@ the characteristic function (one FFT, a pointwise C-th power, one inverse FFT) u
 exponential tilt that puts the observed sum where the computed distribution has its mass, and it
 proves its own accuracy: every call carries a rigorous a-posteriori bound on |Δ ln p|. Should the
 float64 bound exceed the tolerance the computation is repeated in extended precision, and failing
-that in the sequential log-space convolution (:func:`_rank_log_sf_reference`), so the tolerance is
-a guarantee, not an estimate. Pure numpy/scipy: no I/O, no torch.
+that in ``lattice.rank_log_sf_reference`` (sequential), so the tolerance is a guarantee, not an
+estimate; :func:`rank_tail`, :func:`tilted_log_cdf` and the public constants let tests check
+that against exact answers. Pure numpy/scipy: no I/O, no torch.
 """
 
 from __future__ import annotations
@@ -19,28 +20,21 @@ from typing import Any
 import numpy as np
 from scipy import fft as sp_fft
 
-from radmark.verify.lattice import (  # noqa: F401  (tests reach the reference through here)
-    _RANK_CDF_CACHE,
-    _rank_cdf_at,
-    _rank_lattice,
-    _rank_log_sf_reference,
-    _rank_null_log_cdf,
-    _rank_setup,
-)
+from radmark.verify.lattice import _RANK_CDF_CACHE, _rank_cdf_at, _rank_setup
 
-_RANK_LOG_TOL = 1e-9  # guaranteed |Δ ln p| of rank_log_sf (relative error of p)
+RANK_LOG_TOL = 1e-9  # guaranteed |Δ ln p| of rank_log_sf (relative error of p)
 _U = 2.0**-53  # unit roundoff of float64
 _LD = np.longdouble
-_LD_WIDER = bool(np.finfo(_LD).eps < np.finfo(np.float64).eps)
+LONG_DOUBLE_WIDER = bool(np.finfo(_LD).eps < np.finfo(np.float64).eps)  # a 2nd precision exists
 _U_LD = float(np.finfo(_LD).eps) / 2
 # Floating-point model of the bounds (u: unit roundoff of the working type):
 # * elementary functions (exp, log, cos, sin, atan2, hypot) within _ulp(dtype) ulp;
 # * an FFT of length n (pocketfft: radix-2/4 passes, accurately computed twiddles) is within
-#   _FFT_C·log2(n)·u·‖x‖₁ of the exact transform in every component, and within
-#   _FFT_C·log2(n)·u·‖Fx‖₂ in the 2-norm. Each butterfly level costs at most a complex addition
+#   FFT_ERROR_C·log2(n)·u·‖x‖₁ of the exact transform in every component, and within
+#   FFT_ERROR_C·log2(n)·u·‖Fx‖₂ in the 2-norm. Each butterfly level costs at most a complex addition
 #   and a twiddle product, (1 + √5 + twiddle error)·u ≈ 3.3u componentwise; Higham (Accuracy and
 #   Stability, Thm 24.2) gives ≈ 6.7u per level normwise; 8 covers both with a margin.
-_FFT_C = 8.0
+FFT_ERROR_C = 8.0
 # Forward transform evaluated directly (one cos/sin per term, error ∝ #distinct values instead of
 # log2 n) at the frequencies that dominate the error; costs #frequencies × #values cos/sin pairs,
 # kept under this budget (else the FFT values and their larger bound are used).
@@ -130,7 +124,7 @@ def _lattice_pmf(
     spectrum):
     * q̂: weight v carries relative error ρ_v from its exponent ln n_v + θv − max;
       normalising adds rel_z = Σ q̂ρ + D·u, so ε_q = ‖q̂ − q‖₁ <= 2·rel_z + u.
-    * φ̂ = F q̂: |φ̂_k − φ_k| <= e_k = ε_q + (FFT: _FFT_C·log2(n)·u, or, at the frequencies
+    * φ̂ = F q̂: |φ̂_k − φ_k| <= e_k = ε_q + (FFT: FFT_ERROR_C·log2(n)·u, or, at the frequencies
       with C·b_k^(C−1) >= _SIGNIFICANT and where it at least halves that, direct evaluation:
       1.42·(D + 2π + F)·u).
     * P̂_k = φ̂_k^C in polar form: |P̂_k − φ_k^C| <= d_k = C·b_k^(C−1)·e_k + η_k·|P̂_k|, where
@@ -157,7 +151,7 @@ def _lattice_pmf(
     log_m = lw_max + ln_z - ln_slots
     err_log_m = rel_z + u * (f + 2) * float(abs(lw_max) + abs(ln_z) + ln_slots)
 
-    gamma_fft = _FFT_C * math.log2(n) * u
+    gamma_fft = FFT_ERROR_C * math.log2(n) * u
     x: np.ndarray = np.zeros(n, dtype=dt)
     x[v] = q
     phi = sp_fft.rfft(x, workers=1)
@@ -292,7 +286,7 @@ def _tilt_for(v: np.ndarray, counts: np.ndarray, classes: int, j: int) -> float:
     return min(0.5 * (lo + hi), cap)
 
 
-def _tilted_log_cdf(
+def tilted_log_cdf(
     v: np.ndarray, counts: np.ndarray, slots: int, classes: int, j: int, dt: type = np.float64
 ) -> tuple[float, float]:
     """ln P(T <= j) through the tilted pmf (working dtype ``dt``), and a rigorous error bound.
@@ -353,17 +347,27 @@ def _lattice_log_cdf(bins: np.ndarray, slots: int, classes: int, j: int) -> tupl
         u, f = _U_LD, _ulp(_LD)
         return float(lp), 4 * f * u * float(abs(lp) + classes * np.log(_LD(slots)))
     log_cdf, bound = _null_table(v, counts, slots, classes)
-    if bound[jj] <= _RANK_LOG_TOL:
+    if bound[jj] <= RANK_LOG_TOL:
         return float(log_cdf[jj]), float(bound[jj])
-    log_p, err = _tilted_log_cdf(v, counts, slots, classes, jj)
-    if err > _RANK_LOG_TOL and _LD_WIDER:
-        log_p, err = _tilted_log_cdf(v, counts, slots, classes, jj, _LD)
+    log_p, err = tilted_log_cdf(v, counts, slots, classes, jj)
+    if err > RANK_LOG_TOL and LONG_DOUBLE_WIDER:
+        log_p, err = tilted_log_cdf(v, counts, slots, classes, jj, _LD)
     return log_p, err
 
 
-# (slots, classes, h, side) -> ln CDF of the lattice null over bins 0..len-1 (a prefix; see
-# _rank_null_log_cdf). Used by the reference implementation only. Values depend only on the key
-# and the bin, never on how far it was grown.
+def clear_caches() -> None:
+    """Forget the cached null tables (a benchmark's cold start); values never depend on them."""
+    _RANK_TABLE_CACHE.clear()
+    _RANK_CDF_CACHE.clear()
+
+
+@dataclass(frozen=True)
+class RankTail:
+    """ln p of :func:`rank_log_sf`; ``bound`` >= |Δ ln p| (FFT), NaN if ``sequential`` made it."""
+
+    log_p: float
+    bound: float
+    sequential: bool = False
 
 
 def rank_log_sf(
@@ -409,29 +413,38 @@ def rank_log_sf(
     That is a guarantee, not an estimate: a float64 result whose bound exceeds 1e-9 (sparse
     lattices deep in the tail; under 1% of random inputs) is recomputed in long double (bound
     about 1e-12, ~0.3 s), and, where long double is no wider than float64 and that fails too,
-    by the exact sequential convolution (_rank_log_sf_reference). Typical bounds are 1e-11..1e-10;
+    by the exact sequential convolution (lattice.rank_log_sf_reference). Typical bounds are 1e-11..1e-10;
     observed errors against exact integer counts are about 1e-13. Bulk values come from a per-(slots, C, h) table of the
     untilted CDF (a calibration study's thousands of calls then cost a lookup); the result is a
     fixed function of the arguments, since a cached table is exactly what a fresh call rebuilds.
 
     ranks: integer-valued, 1 <= r <= slots, one per class (any shape, flattened).
-    Returns the natural-log p-value (<= 0).
+    Returns the natural-log p-value (<= 0); :func:`rank_tail` gives it with its certificate.
     """
+    return rank_tail(ranks, slots, resolution=resolution, max_bins=max_bins).log_p
+
+
+def rank_tail(
+    ranks: np.ndarray, slots: int, *, resolution: float = 1e-3, max_bins: int = 200_000
+) -> RankTail:
+    """:func:`rank_log_sf` with how its value was certified (:class:`RankTail`)."""
     slots, classes, h, bins, top, s_obs, s_max, lower = _rank_setup(
         ranks, slots, resolution, max_bins
     )
     if s_obs >= s_max:
-        return 0.0
+        return RankTail(0.0, 0.0)
     if lower:
         log_p, err = _lattice_log_cdf(bins, slots, classes, s_obs)
-        if not err <= _RANK_LOG_TOL:
-            return min(0.0, _rank_cdf_at(bins, slots, classes, h, "low", s_obs))
-        return float(min(0.0, log_p))
+        if err <= RANK_LOG_TOL:
+            return RankTail(float(min(0.0, log_p)), err)
+        seq = _rank_cdf_at(bins, slots, classes, h, "low", s_obs)
+        return RankTail(min(0.0, seq), math.nan, sequential=True)
     log_q, err_q = _lattice_log_cdf(top - bins, slots, classes, s_max - s_obs - 1)
     q = math.exp(log_q)
     # p = 1 − q: |Δ ln p| <= |Δq|/p, with |Δq| <= q·(e^err − 1).
     err = q * math.expm1(err_q) / (1.0 - q) * 1.01 + 4 * _U if q < 1.0 else math.inf
-    if not err <= _RANK_LOG_TOL:
+    sequential = not err <= RANK_LOG_TOL
+    if sequential:
         log_q = _rank_cdf_at(top - bins, slots, classes, h, "high", s_max - s_obs - 1)
         q = math.exp(log_q)
-    return float(min(0.0, math.log1p(-q)))
+    return RankTail(float(min(0.0, math.log1p(-q))), math.nan if sequential else err, sequential)

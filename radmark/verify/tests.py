@@ -4,9 +4,12 @@ A test is an object with a ``name``, whether its p-value is ``exact``, the part 
 null comes from (``randomisation``), what it ``needs`` from the user (a clean ``probe`` set, a
 verification ``kit``), ``available(evidence, record)`` (``None`` when it can run,
 else why not) and ``run(evidence, record, key) -> TestResult``. Everything that does not depend on
-the key is computed once in :class:`~radmark.verify.evidence.Evidence`; :func:`score` runs the
-selected tests of one key against it. ``radmark verify``, the benchmark's null calibration and the
-false-positive tests all call :func:`score`, so there is one implementation of every statistic.
+the key is computed once in :class:`~radmark.verify.evidence.Evidence` (a test caches its own such
+work with ``Evidence.cached``); :func:`score` runs the selected tests of one key against it.
+``radmark verify``, the benchmark's null calibrations (``bench/run.py``) and the null and
+false-positive tests (``tests/unit/test_kit.py``, ``test_twins.py``,
+``tests/e2e/test_false_positive_rate.py``) all call :func:`score`, so the verdict's statistics
+have one implementation (unit tests of a raw statistic, such as a rank tie rule, call it directly).
 
 p-values stay in natural log (``log_p``) until a report renders them.
 

@@ -12,7 +12,8 @@ that never saw it cannot tell which one was published. Per image, the rank of th
 candidate (1 = best; ties against the owner) is uniform on 1..M under H0 (``marking/twins.py``
 says why), independently across images; the N ranks are combined with their exact discrete null
 (``verify/ranks.py``; for M = 2 it is the binomial sign test). The scores do not depend on the key,
-so ``Evidence`` computes them once per record and every key reuses them.
+so they are computed once per record (:func:`twin_scores`, cached in ``Evidence``) and every key
+reuses them.
 """
 
 from __future__ import annotations
@@ -105,15 +106,16 @@ class TwinRankTest:
     needs: frozenset[str] = frozenset()
 
     def available(self, evidence: Evidence, record: MarkRecord) -> str | None:
-        kits = record.method_data.get("twin_kits") or []
-        if not kits:
+        from radmark.marking.twins import twin_kits
+
+        if not twin_kits(record):
             return f"mark record {record.short} has no twin kit"
         return None
 
     def run(self, evidence: Evidence, record: MarkRecord, key: SecretKey) -> TestResult:
         from radmark.marking.twins import published_index
 
-        ids, scores = evidence.twin_scores(record)
+        ids, scores = twin_scores(evidence, record)
         m = scores.shape[1]
         ranks = published_ranks(scores, published_index(key.twin_seed(), ids, m))
         res = rank_result(ranks, m, f"rank of the published twin among {m} candidates, "
@@ -122,23 +124,37 @@ class TwinRankTest:
         return replace(res, extra={"win_rate": wins, "images": float(len(ranks))})
 
 
+def twin_scores(evidence: Evidence, record: MarkRecord) -> tuple[list[str], np.ndarray]:
+    """The suspect's score of every twin candidate of ``record``, residualised on the marker's:
+    ids [N], float64 [N, M]. Key-independent, so computed once per record and suspect."""
+
+    def make() -> tuple[list[str], np.ndarray]:
+        ids, labels, cands = load_twin_kits(evidence, record)
+        dev = evidence.settings.device
+        own = candidate_scores(evidence.suspect.logits, cands, labels, device=dev)
+        ref = candidate_scores(evidence.marker(record).logits, cands, labels, device=dev)
+        return ids, residualise(own, ref)
+
+    return evidence.cached(("twin-scores", record.address), make)
+
+
 def load_twin_kits(
     evidence: Evidence, record: MarkRecord
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Every private twin kit of ``record``, hash-checked: ids, labels [N], candidates [N, M, ...]."""
-    from radmark.marking.twins import read_kit
+    from radmark.marking.twins import read_kit, twin_kits
 
     ids: list[str] = []
     labels, cands = [], []
-    for addr in record.method_data.get("twin_kits") or []:
+    for addr in twin_kits(record):
         try:
-            blob = evidence.store.read_kit(str(addr))
+            blob = evidence.store.read_kit(addr)
         except KeystoreError:
             raise KeystoreError(
-                f"keystore {evidence.store.root} is missing twin kit {str(addr)[:16]} of mark "
+                f"keystore {evidence.store.root} is missing twin kit {addr[:16]} of mark "
                 f"record {record.short}: copy it from the marking machine's keystore"
             ) from None
-        i, y, c = read_kit(blob, f"twin kit {str(addr)[:16]}")
+        i, y, c = read_kit(blob, f"twin kit {addr[:16]}")
         ids += i
         labels.append(y)
         cands.append(c)

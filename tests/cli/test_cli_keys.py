@@ -208,3 +208,30 @@ def test_keystore_open_to_others_is_refused_with_the_chmod(tmp_path: Path) -> No
     ks.chmod(0o700)
     (ks / "secrets").chmod(0o755)
     _one_line(run("keys", "list", "--keystore", str(ks)), f"run: chmod 700 {ks / 'secrets'}")
+
+
+def test_json_documents_keep_their_field_names_and_order(tmp_path: Path) -> None:
+    """Each keys command's JSON is derived from its result dataclass (``report/jsonout.py``) with
+    the field names, order and values scripts read (shared/spec/cli.md)."""
+    ks = tmp_path / "ks"
+    doc = _keygen(ks, "--no-passphrase", "--out", str(tmp_path / "owner.key"))
+    assert list(doc) == ["schema_version", "fingerprint", "path", "keystore", "encrypted",
+                         "key_file"]  # fmt: skip
+    assert doc["keystore"] == str(ks) and doc["key_file"] == str(tmp_path / "owner.key")
+    assert doc["encrypted"] is False and doc["path"].startswith(str(ks))
+    fp = doc["fingerprint"]
+    (entry,) = json.loads(run("keys", "list", "--keystore", str(ks), "--json").stdout)["entries"]
+    assert list(entry) == ["kind", "address", "created", "secret"]
+    assert entry["kind"] == "key" and entry["address"] == fp and entry["secret"] is True
+    shown = json.loads(run("keys", "show", fp, "--keystore", str(ks), "--json").stdout)
+    assert list(shown) == ["schema_version", "address", "kind", "record", "has_secret"]
+    assert shown["kind"] == "key" and shown["has_secret"] is True
+    exported = json.loads(run("keys", "export-public", fp, "--keystore", str(ks), "--json").stdout)
+    assert list(exported) == ["schema_version", "address", "record", "path"]
+    assert exported["address"] == fp and exported["path"] is None
+    assert exported["record"] == shown["record"]
+    res = run("keys", "import", str(tmp_path / "owner.key"), "--keystore", str(ks), "--json")
+    imported = json.loads(res.stdout)
+    assert list(imported) == ["schema_version", "fingerprint", "path", "keystore", "encrypted",
+                              "already_present"]  # fmt: skip
+    assert imported["fingerprint"] == fp and imported["already_present"] is True

@@ -2,8 +2,9 @@
 (radmark/verify/black_box.py).
 
 The null-calibration test runs the real pipeline (slot carriers from the key, marking of every
-slot, the suspect's outputs, ranks, exact combination) for hundreds of fresh keys against a
-model that never saw any of them: the p-values must be super-uniform.
+slot, the kit stored and its record signed, then the verdict's test through the verification
+seam, ``verify.tests.score``) for hundreds of fresh keys against a model that never saw any of
+them: the p-values must be super-uniform.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ from radmark.errors import IntegrityError
 from radmark.keys.carriers import CARRIER_FORMAT, carriers_digest, derive_carriers
 from radmark.keys.keypair import SecretKey
 from radmark.keys.records import MarkerRef, MarkRecord, mark_record_body
-from radmark.marking.kit import Kit, decoy_carriers, mark_kit_images, slot_carriers, true_slots
-from radmark.marking.radioactive import get_preset
-from radmark.models import build_model, load_model
-from radmark.verify.black_box import (
-    BLACK_BOX,
-    rank_result,
-    residualise,
-    slot_statistics,
-    true_slot_ranks,
+from radmark.keys.store import Keystore
+from radmark.marking.kit import (
+    decoy_carriers,
+    mark_kit_images,
+    slot_carriers,
+    store_kit,
+    true_slots,
 )
+from radmark.marking.radioactive import get_preset, mark_batch
+from radmark.models import load_model, save_model
+from radmark.models.loaded import LoadedModel
+from radmark.verify.black_box import BLACK_BOX, rank_result, residualise, true_slot_ranks
+from radmark.verify.evidence import Evidence, prepare
 from radmark.verify.ranks import rank_log_sf
 from radmark.verify.statistics import LN10
+from radmark.verify.tests import TestResult, score
 from tests.factories import fmnist, make_marker
 
 MARKER_ID = "smallcnn@sha256:" + "ab" * 32
@@ -41,14 +46,21 @@ def _key(i: int) -> SecretKey:
     return SecretKey(hashlib.sha256(f"kit-test-{i}".encode()).digest())
 
 
-def _record(key: SecretKey, d: int = D, c: int = C) -> MarkRecord:
-    """A schema-valid mark record committed to key's carriers (no marking done)."""
-    carriers = derive_carriers(key.carrier_seed(), d, c, MARKER_ID)
+def _record(
+    key: SecretKey, d: int = D, c: int = C, marker: LoadedModel | None = None
+) -> MarkRecord:
+    """A schema-valid mark record committed to key's carriers (no marking done); made with
+    ``marker`` (its identity and file) when given, else with a marker that exists nowhere."""
+    ref = MarkerRef(MARKER_ID, "smallcnn", "smallcnn", "ab" * 32, d, None)
+    if marker is not None:
+        ref = MarkerRef(marker.identity, marker.name, marker.arch, marker.sha256, marker.dim,
+                        marker.source)  # fmt: skip
+    carriers = derive_carriers(key.carrier_seed(), ref.dim, c, ref.id)
     rec = key.public_record(created="2026-11-23T00:00:00Z")
     body = mark_record_body(
         key_fingerprint=rec.fingerprint,
         method="radioactive",
-        marker=MarkerRef(MARKER_ID, "smallcnn", "smallcnn", "ab" * 32, d, None),
+        marker=ref,
         num_classes=c,
         carriers={"format": CARRIER_FORMAT, "sha256": carriers_digest(carriers)},
         params=get_preset("default").to_dict(),
@@ -62,9 +74,20 @@ def _record(key: SecretKey, d: int = D, c: int = C) -> MarkRecord:
     return MarkRecord.from_signed(signed, hashlib.sha256(canonical_json(signed)).hexdigest(), rec)
 
 
-def black_box_test(stats: np.ndarray, pi: np.ndarray):  # -> TestResult
-    """The black-box test's ranks and exact combination, as verify computes them."""
-    return rank_result(true_slot_ranks(stats, pi), stats.shape[0], "", "carriers", BLACK_BOX)
+def black_box_test(evidence: Evidence, record: MarkRecord, key: SecretKey) -> TestResult:
+    """The black-box test of one key, through the verification seam as verify runs it."""
+    return score(evidence, record, key, [BLACK_BOX])[BLACK_BOX]
+
+
+def kit_for(store: Keystore, key: SecretKey, record: MarkRecord, marker: LoadedModel,
+            images: np.ndarray, labels: np.ndarray, params, decoys: int = 9) -> np.ndarray:  # fmt: skip
+    """Mark ``record``'s kit for ``key`` (one per record) and store it with its signed kit record
+    as ``kit build`` does; returns the true slots π [C]."""
+    carriers, pi = slot_carriers(key, record, decoys)
+    marked, _ = mark_kit_images(images, labels, carriers, marker.features, params, mark=mark_batch)
+    store_kit(store, key, record, images, labels, marked,
+              per_class=int(np.bincount(labels).min()), probe=["test"])  # fmt: skip
+    return pi
 
 
 def test_true_slots_are_deterministic_in_range_and_key_dependent() -> None:
@@ -118,7 +141,8 @@ def test_black_box_ranks_count_ties_against_the_owner() -> None:
     stats[2, 0] = 1.0  # class 0: true slot 2 is the unique maximum -> rank 1
     stats[:, 1] = 0.5  # class 1: all tied -> rank 5 (worst)
     stats[:, 2] = [2.0, 1.0, -1.0, -1.0, -1.0]  # class 2: one decoy above true slot 1 -> rank 2
-    res = black_box_test(stats, np.array([2, 3, 1]))
+    # the statistic's tie rule (the verdict's path is tested below through the seam)
+    res = rank_result(true_slot_ranks(stats, np.array([2, 3, 1])), 5, "", "carriers", BLACK_BOX)
     assert [int(r) for r in res.units] == [1, 5, 2]
     assert res.slots == 5
     assert res.log10_p == pytest.approx(rank_log_sf(np.array([1, 5, 2]), 5) / LN10)
@@ -126,28 +150,22 @@ def test_black_box_ranks_count_ties_against_the_owner() -> None:
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory: pytest.TempPathFactory):
+    """The marker, a clean suspect file (never saw any key) and two kit images per class."""
     root = tmp_path_factory.mktemp("kit-nets")
     marker = load_model(make_marker(root / "m.safetensors", seed=0))
-    torch.manual_seed(1)
-    clean_model = build_model("smallcnn", C, in_chans=1).eval()
+    clean = make_marker(root / "clean.safetensors", seed=1)
     images, labels = fmnist(400, offset=1000)
     idx = np.concatenate([np.flatnonzero(labels == k)[:2] for k in range(C)])
-    return marker, clean_model, images[idx][:, None], labels[idx]
-
-
-def _logits(model):
-    def fn(x):
-        return model((x[:, :1] - 0.5) / 0.25)
-
-    return fn
+    return marker, clean, images[idx][:, None], labels[idx]
 
 
 @pytest.mark.slow
-def test_null_calibration_over_200_keys(nets) -> None:
+def test_null_calibration_over_200_keys(nets, tmp_path) -> None:
     """A model that never saw any key: P(p <= a) <= a (binomial 99.9% slack) at every level."""
-    marker, clean_model, images, labels = nets
+    marker, clean, images, labels = nets
     params = get_preset("default", steps=2)
-    ref = marker.logits  # the verify-time reference: the marker's own logits
+    store = Keystore.open(tmp_path / "ks", create=True)
+    evidence = prepare(str(clean), store=store)  # key-independent: one for every key
     ps: list[float] = []
     raw: list[float] = []
     torch.set_num_threads(1)
@@ -155,12 +173,11 @@ def test_null_calibration_over_200_keys(nets) -> None:
     images, labels = images[one], labels[one]
     for i in range(200):
         k = _key(1000 + i)
-        carriers, pi = slot_carriers(k, _record(k), 9)
-        marked, _ = mark_kit_images(images, labels, carriers, marker.features, params)
-        kit = Kit(address="", clean=images, labels=labels, marked=marked)
-        t = residualise(slot_statistics(_logits(clean_model), kit, C), slot_statistics(ref, kit, C))
-        ps.append(black_box_test(t, pi).log10_p)
-        raw.append(black_box_test(slot_statistics(_logits(clean_model), kit, C), pi).log10_p)
+        rec = _record(k, marker=marker)
+        pi = kit_for(store, k, rec, marker, images, labels, params)
+        ps.append(black_box_test(evidence, rec, k).log10_p)  # the verdict's test
+        t, _ref = evidence.kit_statistics(rec)  # and the raw statistic, without the reference
+        raw.append(rank_log_sf(true_slot_ranks(t, pi), 10) / LN10)
     for lp in (ps, raw):  # the verify statistic (reference residual) and the raw one
         p = 10.0 ** np.array(lp)
         n = len(p)
@@ -172,30 +189,32 @@ def test_null_calibration_over_200_keys(nets) -> None:
         assert np.mean(p <= 0.5) >= 0.3 and np.mean(p <= 0.2) >= 0.08
 
 
-def test_power_on_a_model_that_reads_the_carriers(nets) -> None:
+def test_power_on_a_model_that_reads_the_carriers(nets, tmp_path) -> None:
     """A suspect whose class-c logit is φ·u_c prefers the true carriers: ranks 1, floor reached."""
     marker, _clean, images, labels = nets
     k = _key(7)
-    carriers, pi = slot_carriers(k, _record(k), 9)
-    true = derive_carriers(k.carrier_seed(), D, C, MARKER_ID)
-    w = torch.from_numpy(true)
-    marked, psnr = mark_kit_images(
-        images, labels, carriers, marker.features, get_preset("default", steps=20, radius=8)
-    )
+    rec = _record(k, marker=marker)
+    true = derive_carriers(k.carrier_seed(), marker.dim, C, marker.identity)
+    reads = load_model(marker.source)  # the marker's features, its head replaced by the carriers
+    with torch.no_grad():
+        reads.head.linear.weight.copy_(torch.from_numpy(true))
+        reads.head.linear.bias.zero_()
+    save_model(reads.model, tmp_path / "reads.safetensors", arch="smallcnn", num_classes=C,
+               mean=(0.5,), std=(0.25,))  # fmt: skip
+    store = Keystore.open(tmp_path / "ks", create=True)
+    carriers, pi = slot_carriers(k, rec, 9)
+    params = get_preset("default", steps=20, radius=8)
+    marked, psnr = mark_kit_images(images, labels, carriers, marker.features, params,
+                                   mark=mark_batch)  # fmt: skip
     assert np.all(psnr > 30)
-    kit = Kit(address="", clean=images, labels=labels, marked=marked)
-
-    def reads(x):
-        return marker.features(x) @ w.T
-
-    res = black_box_test(slot_statistics(reads, kit, C), pi)
-    assert sum(r == 1 for r in res.units) >= 8, res.units
-    assert res.log10_p < -6
-    # The reference residual keeps that evidence (the marker's own head does not read u).
-    adj = black_box_test(
-        residualise(slot_statistics(reads, kit, C), slot_statistics(marker.logits, kit, C)),
-        pi,
-    )
+    store_kit(store, k, rec, images, labels, marked, per_class=2, probe=["test"])
+    evidence = prepare(str(tmp_path / "reads.safetensors"), store=store)
+    t, _ref = evidence.kit_statistics(rec)
+    raw = rank_result(true_slot_ranks(t, pi), 10, "", "carriers", BLACK_BOX)  # the raw statistic
+    assert sum(r == 1 for r in raw.units) >= 8, raw.units
+    assert raw.log10_p < -6
+    # The verdict's test (reference residual) keeps that evidence: the marker's head reads no u.
+    adj = black_box_test(evidence, rec, k)
     assert adj.log10_p < -6, adj.units
 
 
@@ -218,7 +237,7 @@ def test_marking_is_the_same_function_for_every_slot(nets) -> None:
     carriers, _ = slot_carriers(k, _record(k), 2)
     carriers[1] = carriers[0]
     marked, _ = mark_kit_images(
-        images, labels, carriers, marker.features, get_preset("default", steps=3)
+        images, labels, carriers, marker.features, get_preset("default", steps=3), mark=mark_batch
     )
     assert np.array_equal(marked[0], marked[1])
     assert not np.array_equal(marked[0], marked[2])

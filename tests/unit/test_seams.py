@@ -71,6 +71,7 @@ class PixelMethod:
     description = "raise pixel (0, 0) by a keyed amount (a test of the seam, not a mark)"
     tests = ("test_pixel_coin",)
     presets = ("default",)
+    decoy_kit = None  # no per-class carriers: no black-box decoy kit
 
     def params(self, preset: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
         return {"name": preset, **overrides}
@@ -134,6 +135,24 @@ def test_a_new_method_marks_and_its_test_verifies(tmp_path: Path) -> None:
     out = verify_model(str(marker), keystore=tmp_path / "ks", probe=[], key_ref=res.record)
     (r,) = out.results
     assert set(r.tests) == {"test_pixel_coin"} and r.method == "test-pixel"
+    # the method seam says it has no decoy kit: `kit build` refuses it by that flag, not by name
+    from radmark.marking.kit import build_kit
+
+    with pytest.raises(UsageError, match="'test-pixel' marking method has no decoy kit"):
+        build_kit(store=Keystore.open(tmp_path / "ks"), record=rec, key=key,
+                  probe=[str(tmp_path / "in")])  # fmt: skip
+
+
+def test_a_decoy_kit_is_checked_with_the_options() -> None:
+    """``--kit-probe`` for a method without a decoy kit fails the option check (before any work);
+    the paper's method marks decoy slots with its own mark step, found through the registry."""
+    from radmark.marking.options import KitRequest, check_options
+    from radmark.marking.radioactive import mark_batch
+
+    with pytest.raises(UsageError, match="--kit-probe: the 'test-pixel' marking method has no"):
+        check_options(MarkOptions(method="test-pixel", kit=KitRequest(["nowhere"])))
+    assert get_method("radioactive").decoy_kit is mark_batch
+    assert get_method("twins").decoy_kit is None
 
 
 def test_unknown_method_is_a_usage_error() -> None:

@@ -12,6 +12,9 @@ from scipy import stats
 
 from radmark.errors import IntegrityError, UsageError
 from radmark.keys.keypair import SecretKey
+from radmark.keys.records import MarkerRef, MarkRecord, mark_record_body
+from radmark.keys.store import Keystore
+from radmark.marking.methods import get_method
 from radmark.marking.twins import (
     TwinParams,
     kit_bytes,
@@ -19,10 +22,14 @@ from radmark.marking.twins import (
     published_index,
     read_kit,
     shared_views,
+    twin_kits,
 )
 from radmark.models import load_model
+from radmark.models.loaded import LoadedModel
+from radmark.verify.evidence import prepare
 from radmark.verify.ranks import rank_log_sf
-from radmark.verify.twin_rank import candidate_scores, published_ranks
+from radmark.verify.tests import score
+from radmark.verify.twin_rank import TWIN_RANK, published_ranks
 from tests.factories import fmnist, make_marker
 
 
@@ -33,6 +40,33 @@ def _key(i: int) -> SecretKey:
 @pytest.fixture(scope="module")
 def marker(tmp_path_factory: pytest.TempPathFactory):
     return load_model(str(make_marker(tmp_path_factory.mktemp("twin") / "m.safetensors")))
+
+
+def _twins_record(store: Keystore, marker: LoadedModel, kits: list[str],
+                  method_data: dict | None = None) -> MarkRecord:  # fmt: skip
+    """A signed twins mark record committing to the private twin ``kits`` (no marking done)."""
+    owner = _key(0)
+    pub = owner.public_record(created="2026-11-23T00:00:00Z")
+    store.put(pub.signed)
+    run = get_method("twins").start(owner, marker, 10, TwinParams(), device="cpu")
+    body = mark_record_body(
+        key_fingerprint=pub.fingerprint, method="twins",
+        marker=MarkerRef(marker.identity, marker.name, marker.arch, marker.sha256, marker.dim,
+                         marker.source),
+        num_classes=10, carriers=None, params=TwinParams().to_dict(), fraction=1.0,
+        selection_rule="test", label_field="cls", counts={"images": 0, "marked": 0, "skipped": 0},
+        shards=[], method_data=method_data or run.record_fields(kits)["method_data"],
+    )  # fmt: skip
+    return store.mark_record(store.put(owner.sign(body)))
+
+
+def test_twin_kits_are_read_through_one_checked_accessor(marker, tmp_path) -> None:
+    store = Keystore.open(tmp_path / "ks", create=True)
+    addr = store.put_kit(kit_bytes(["a/1"], np.array([3]), np.zeros((1, 2, 1, 8, 8), np.uint8)))
+    assert twin_kits(_twins_record(store, marker, [addr])) == [addr]
+    for bad in ({"twin_kits": "ab" * 32}, {"twin_kits": [addr, 7]}, {"twin_kits": ["../x"]}):
+        with pytest.raises(IntegrityError, match="twin_kits must be a list of SHA-256"):
+            twin_kits(_twins_record(store, marker, [], method_data=bad))
 
 
 def test_published_index_is_uniform_independent_and_keyed() -> None:
@@ -92,17 +126,25 @@ def test_ranks_count_ties_against_the_owner() -> None:
     assert published_ranks(scores, np.array([0, 0, 1])).tolist() == [1, 2, 2]
 
 
-def test_null_calibration_fixed_scores_fresh_keys(marker) -> None:
-    """A model that never saw the published candidates: over 1000 keys, P(p <= a) <= a."""
+def test_null_calibration_fixed_scores_fresh_keys(marker, tmp_path) -> None:
+    """A model that never saw the published candidates: over 1000 keys, P(p <= a) <= a.
+
+    Through the verification seam, as verify runs it: the twin kit in a keystore, the record
+    committing to it, the suspect's marker-residualised scores computed once (key-independent)
+    and every fresh key scored by ``score``.
+    """
     images, labels = fmnist(60, offset=500)
     x = torch.from_numpy(images[:, None])
     cands = make_candidates(
         x, marker.features, TwinParams(steps=2), torch.Generator().manual_seed(3)
     )
-    scores = candidate_scores(marker.logits, cands.permute(1, 0, 2, 3, 4).numpy(), labels, views=2)
     ids = [f"s/{i}" for i in range(60)]
-    p = np.array([np.exp(rank_log_sf(published_ranks(
-        scores, published_index(_key(100 + k).twin_seed(), ids, 2)), 2)) for k in range(1000)])  # fmt: skip
+    store = Keystore.open(tmp_path / "ks", create=True)
+    addr = store.put_kit(kit_bytes(ids, labels, cands.permute(1, 0, 2, 3, 4).numpy()))
+    record = _twins_record(store, marker, [addr])
+    evidence = prepare(str(make_marker(tmp_path / "clean.safetensors", seed=1)), store=store)
+    p = np.array([np.exp(score(evidence, record, _key(100 + k), [TWIN_RANK])[TWIN_RANK].log_p)
+                  for k in range(1000)])  # fmt: skip
     for a in (0.01, 0.05, 0.2, 0.5):
         assert np.mean(p <= a) <= a + 3.3 * np.sqrt(a * (1 - a) / 1000), a
     assert np.mean(p <= 0.5) > 0.3  # not degenerate
@@ -125,14 +167,15 @@ def test_power_when_the_model_prefers_the_published_twin() -> None:
 def test_high_loss_keep_marks_only_the_hardest_half(marker) -> None:
     """keep = 0.5: the half of the batch with the highest marker loss gets twins, the rest stay
     byte-identical and out of the kit; which half does not depend on the key."""
-    from radmark.marking.twins import PRESETS, _TwinsRun
+    from radmark.marking.twins import PRESETS
 
     images, labels = fmnist(8, offset=40)
     x, y = torch.from_numpy(images[:, None]), torch.from_numpy(labels)
     ids = [f"s/{i}" for i in range(8)]
     outs = []
     for k in (1, 2):
-        run = _TwinsRun(_key(k), marker, replace(PRESETS["hiloss"], steps=2), "cpu")
+        params = replace(PRESETS["hiloss"], steps=2)
+        run = get_method("twins").start(_key(k), marker, 10, params, device="cpu")
         res = run.mark(x, y, ids, generator=torch.Generator().manual_seed(0))
         changed = (res.images != x).flatten(1).any(1)
         assert int(changed.sum()) == 4
@@ -148,7 +191,9 @@ def test_high_loss_keep_marks_only_the_hardest_half(marker) -> None:
 
 
 def test_residual_scores_keep_the_null(marker) -> None:
-    """The marker-residualised score (what verify uses) is still exact: over 1000 keys, valid."""
+    """The residual statistic itself (``twin_rank.residualise``, ranked and combined by hand, not
+    the verdict's path, which the test above runs through ``score``) stays exact even when the
+    suspect's scores are mostly the reference's: over 1000 keys, valid."""
     from radmark.verify.twin_rank import residualise
 
     rng = np.random.default_rng(1)

@@ -28,7 +28,7 @@ def _boom(*_args: object, **_kwargs: object) -> None:
 def test_internal_error_is_exit_3_with_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path, json_out: bool, debug: str | None
 ) -> None:
-    monkeypatch.setattr("radmark.keys.manage.list_entries", _boom)
+    monkeypatch.setattr("radmark.keys.manage.list_keystore", _boom)
     if debug is not None:
         monkeypatch.setenv("RADMARK_DEBUG", debug)  # only "1" re-raises
     args = ["keys", "list", "--keystore", str(tmp_path / "ks")] + (["--json"] if json_out else [])
@@ -60,7 +60,7 @@ def test_internal_error_long_message_is_cut(monkeypatch: pytest.MonkeyPatch, tmp
     def boom(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("y" * 1000)
 
-    monkeypatch.setattr("radmark.keys.manage.list_entries", boom)
+    monkeypatch.setattr("radmark.keys.manage.list_keystore", boom)
     res = runner.invoke(app, ["keys", "list", "--keystore", str(tmp_path / "ks"), "--json"])
     assert res.exit_code == 3, res.output
     assert "y" * 200 in res.stderr and "y" * 201 not in res.stderr
@@ -71,7 +71,7 @@ def test_radmark_debug_1_lets_the_exception_through(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
     """RADMARK_DEBUG=1 re-raises (app.py's docstring), so a developer sees the traceback."""
-    monkeypatch.setattr("radmark.keys.manage.list_entries", _boom)
+    monkeypatch.setattr("radmark.keys.manage.list_keystore", _boom)
     monkeypatch.setenv("RADMARK_DEBUG", "1")
     res = runner.invoke(app, ["keys", "list", "--keystore", str(tmp_path / "ks"), "--json"])
     assert isinstance(res.exception, ZeroDivisionError)
@@ -85,7 +85,7 @@ def test_internal_error_through_the_console_script(
     """The same through ``radmark.cli.main`` (what ``radmark`` in a shell runs): exit status 3."""
     from radmark.cli import main
 
-    monkeypatch.setattr("radmark.keys.manage.list_entries", _boom)
+    monkeypatch.setattr("radmark.keys.manage.list_keystore", _boom)
     monkeypatch.setattr(
         sys, "argv", ["radmark", "keys", "list", "--keystore", str(tmp_path), "--json"]
     )

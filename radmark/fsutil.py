@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from radmark.errors import InputError
@@ -37,11 +38,36 @@ class TargetExistsError(InputError):
         super().__init__(f"{what}{path} already exists; pass --force to replace it")
 
 
-def check_new_target(path: Path, *, force: bool, what: str = "") -> None:
+#: The type fields of a radmark owner key file and keystore secret (keys/sealing.py): canonical
+#: JSON objects of a few KB.
+_SECRET_TYPES = (b'"type":"radmark.keyfile"', b'"type":"radmark.secret"')
+
+
+def holds_a_secret(path: Path) -> bool:
+    """Whether ``path`` is a radmark owner key file or keystore secret (read: its first 64 KiB)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"{") and any(t in head for t in _SECRET_TYPES)
+
+
+def check_new_target(
+    path: Path,
+    *,
+    force: bool,
+    what: str = "",
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    may_replace_secret: bool = False,
+) -> None:
     """Refuse, before any work, a target that exists (unless ``force``) or cannot be a file.
 
     A directory or a non-regular file is refused even with ``force``; so is a missing parent
-    directory (named, so the user knows which ``mkdir`` to run).
+    directory (named, so the user knows which ``mkdir`` to run). Even with ``force`` a command
+    never writes over one of its own ``inputs`` (the same file by inode, whatever the path's
+    spelling; the caller lists the files a ``pipe:`` command names) nor over a radmark secret
+    key, which nothing but a new key (``may_replace_secret``: ``keygen --out --force``) replaces.
     """
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
@@ -52,6 +78,18 @@ def check_new_target(path: Path, *, force: bool, what: str = "") -> None:
             raise TargetExistsError(path, what)
         if not os.path.isfile(path) or os.path.islink(path):
             raise InputError(f"{label} exists and is not a regular file; refusing to replace it")
+        for item in inputs:
+            with contextlib.suppress(OSError):
+                if os.path.isfile(item) and os.path.samefile(path, item):
+                    raise InputError(
+                        f"{label} is one of this command's inputs ({os.fspath(item)}); radmark "
+                        "never writes over an input, even with --force"
+                    )
+        if not may_replace_secret and holds_a_secret(path):
+            raise InputError(
+                f"{label} holds a radmark secret key; radmark never replaces one with another "
+                "kind of file, even with --force (move it away yourself if you mean it)"
+            )
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{label}: directory {parent} does not exist")

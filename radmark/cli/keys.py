@@ -45,7 +45,7 @@ def keygen(
     from radmark.report.jsonout import keygen_json
 
     if out_file is not None:  # before the passphrase prompt, not after
-        check_new_target(out_file, force=force, what="--out")
+        check_new_target(out_file, force=force, what="--out", may_replace_secret=True)
     if passphrase is False:
         pw = None
     else:

@@ -134,6 +134,18 @@ def pipe_input_paths(url: str) -> list[str]:
     return found
 
 
+def input_files(urls: Sequence[str]) -> list[str]:
+    """The local files that shard ``urls`` read: the path itself, or what a ``pipe:`` names.
+
+    For the "never write over an input" check of commands that write one file
+    (:func:`radmark.fsutil.check_new_target`).
+    """
+    out: list[str] = []
+    for url in urls:
+        out.extend(pipe_input_paths(url) if url.startswith("pipe:") else [url])
+    return out
+
+
 #: Environment variables a ``pipe:`` command never sees: it is the user's command, but the
 #: passphrase is for radmark only (issue #12).
 SCRUBBED_ENV: tuple[str, ...] = ("RADMARK_PASSPHRASE",)

@@ -43,7 +43,7 @@ def generate_key(
     An existing ``out_file`` is refused unless ``force`` (it is usually another key's only copy).
     """
     if out_file is not None:
-        check_new_target(out_file, force=force, what="--out")
+        check_new_target(out_file, force=force, what="--out", may_replace_secret=True)
     store = Keystore.open(keystore, create=True)
     key = SecretKey.generate()
     record = key.public_record()

@@ -206,7 +206,9 @@ def train_marker(
     check_count("--limit", limit)
     check_count("--num-classes", num_classes)
     get_arch(arch)  # a UsageError naming the known architectures
-    check_new_target(Path(out), force=force, what="--out")
+    from radmark.data.sources import expand_shards, input_files
+
+    check_new_target(Path(out), force=force, what="--out", inputs=input_files(expand_shards(specs)))
     t0 = time.perf_counter()
     data = load_labelled_images(
         specs, label_field=label_field, num_classes=num_classes, limit=limit

@@ -172,6 +172,10 @@ def test_export_public_never_replaces_the_owner_key_file(tmp_path: Path) -> None
         if extra:
             assert json.loads(res.stdout)["error"]["kind"] == "TargetExistsError"
     assert key_file.read_bytes() == secret and key_file.stat().st_mode & 0o777 == 0o600
+    # not even with --force: a public record never replaces a secret key (the audit found it did)
+    res = run("keys", "export-public", fp, "--keystore", str(ks), "--out", str(key_file), "--force")
+    _one_line(res, str(key_file), "holds a radmark secret key")
+    assert key_file.read_bytes() == secret and key_file.stat().st_mode & 0o777 == 0o600
     # a new file is written, and --force replaces an existing one on purpose
     pub = tmp_path / "public.json"
     res = run("keys", "export-public", fp, "--keystore", str(ks), "--out", str(pub), "--json")

@@ -707,3 +707,23 @@ def test_marker_train_on_images_too_small_for_the_architecture(world, tmp_path: 
     res = run("marker", "train", str(tmp_path / "in"), "--out", str(tmp_path / "m.safetensors"),
               "--arch", "smallcnn", "--epochs", "1", "--json")  # fmt: skip
     _one_error_line(res, "smallcnn cannot take 5x5 images")
+
+
+def test_marker_train_never_writes_over_its_input_even_with_force(tmp_path: Path) -> None:
+    """Issue #12 §6 (audit G2): ``marker train IN --out IN/data-000000.tar --force`` replaced a
+    training shard with the marker; inputs are never written, whatever the spelling or URL."""
+    shards = make_shards(tmp_path / "in", n=16, per_shard=16)
+    shard = tmp_path / "in" / "data-000000.tar"
+    before = shard.read_bytes()
+    for spec, out in (
+        (str(tmp_path / "in"), shard),
+        (str(shard), tmp_path / "in" / ".." / "in" / "data-000000.tar"),
+        (f"pipe:cat {shard}", shard),
+    ):
+        res = runner.invoke(app, ["marker", "train", spec, "--out", str(out), "--arch",
+                                  "smallcnn", "--epochs", "1", "--force"])  # fmt: skip
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "one of this command's inputs" in lines[0], res.stderr
+        assert shard.read_bytes() == before
+    assert shards

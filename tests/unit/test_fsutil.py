@@ -87,3 +87,34 @@ def _raises(fn, *args) -> BaseException:  # type: ignore[no-untyped-def]
     except BaseException as exc:
         return exc
     raise AssertionError("no exception")
+
+
+def test_check_new_target_never_writes_over_an_input_or_a_secret(tmp_path: Path) -> None:
+    """Issue #12 §6: --force replaces a file the user names, but never one of the command's
+    inputs (by inode, whatever the spelling) nor a secret key (unless a new key replaces it)."""
+    from radmark.fsutil import holds_a_secret
+
+    shard = tmp_path / "in" / "data-000000.tar"
+    shard.parent.mkdir()
+    shard.write_bytes(b"tar bytes")
+    spelled = tmp_path / "in" / ".." / "in" / "data-000000.tar"
+    linked = tmp_path / "hardlink.tar"
+    os.link(shard, linked)
+    for target in (shard, spelled, linked):
+        with pytest.raises(InputError, match="one of this command's inputs"):
+            check_new_target(target, force=True, what="--out", inputs=[str(shard)])
+    check_new_target(tmp_path / "other.tar", force=True, inputs=[str(shard)])  # a new file: fine
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"x")
+    check_new_target(other, force=True, inputs=[str(shard)])  # an existing non-input: --force ok
+
+    key = tmp_path / "owner.key"
+    key.write_bytes(b'{"format_version":1,"secret":{},"type":"radmark.keyfile"}')
+    secret = tmp_path / "x.secret"
+    secret.write_bytes(b'{"encryption":"none","type":"radmark.secret"}')
+    for target in (key, secret):
+        assert holds_a_secret(target)
+        with pytest.raises(InputError, match="holds a radmark secret key"):
+            check_new_target(target, force=True, what="--out")
+        check_new_target(target, force=True, may_replace_secret=True)  # keygen --out --force
+    assert not holds_a_secret(other) and not holds_a_secret(tmp_path / "missing")

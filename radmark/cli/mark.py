@@ -279,25 +279,28 @@ def marker_train(
     from radmark.report import console
     from radmark.report.jsonout import train_json
 
-    def on_epoch(epoch: int, acc: float) -> None:
-        if not json_out:
-            console.marker_epoch(epoch, epochs, acc)
+    with console.progress("train", enabled=not json_out) as bar:  # on a terminal only
+        task = bar.add_task("loading images", total=None)
 
-    res = train_marker(
-        shards,
-        out_file,
-        arch=arch,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=resolve_device(device),
-        label_field=label_field,
-        num_classes=num_classes,
-        limit=limit,
-        progress=on_epoch,
-        force=force,
-    )
+        def on_epoch(epoch: int, acc: float) -> None:
+            bar.update(task, description=console.marker_epoch(epoch, epochs, acc))
+
+        res = train_marker(
+            shards,
+            out_file,
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            device=resolve_device(device),
+            label_field=label_field,
+            num_classes=num_classes,
+            limit=limit,
+            progress=on_epoch,
+            on_step=lambda done, total: bar.update(task, completed=done, total=total),
+            force=force,
+        )
     if json_out:
         emit_json(train_json(res))
         return

@@ -49,6 +49,7 @@ def train_classifier(
     small_stem: bool | None = None,
     augment: bool = True,
     progress: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...], float, bool]:
     """Train ``arch`` from scratch on uint8 [N, C, H, W] images: SGD + momentum, cosine schedule,
     random crop (pad 4) and flip. Used by ``radmark marker train`` and by the benchmark.
@@ -88,6 +89,7 @@ def train_classifier(
         model, images, labels, mean=mean, std=std, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, gen=gen, device=device, crop=augment, flip=augment,
         progress=progress,
+        on_step=on_step,
     )  # fmt: skip
     model.eval()
     return model, tuple(mean.tolist()), tuple(std.tolist()), acc, small_stem
@@ -131,6 +133,7 @@ def fit_epochs(
     crop: bool = True,
     flip: bool = True,
     progress: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> float:
     """The one training loop (the marker's and the benchmark's suspects'): SGD + Nesterov
     momentum 0.9, one-cycle (15% warm-up), optional random crop and flip. ``images`` uint8
@@ -169,6 +172,8 @@ def fit_epochs(
             sched.step()
             correct += int((logits.argmax(1) == y).sum())
             total += int(y.numel())
+            if on_step is not None:  # (steps done, steps in all): the CLI's progress bar
+                on_step(epoch * steps_per_epoch + i + 1, epochs * steps_per_epoch)
         if progress is not None:
             progress(epoch + 1, correct / max(total, 1))
     return correct / max(total, 1)
@@ -188,6 +193,7 @@ def train_marker(
     num_classes: int | None = None,
     limit: int | None = None,
     progress: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
     force: bool = False,
 ) -> TrainResult:
     """Train a marking network on the user's own shards and save it as safetensors.
@@ -225,6 +231,7 @@ def train_marker(
         seed=seed,
         device=device,
         progress=progress,
+        on_step=on_step,
     )
     sha = save_model(
         model.cpu(),

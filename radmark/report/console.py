@@ -176,8 +176,9 @@ def mark(res: MarkResult) -> None:
         kit(res.kit)
 
 
-def marker_epoch(epoch: int, epochs: int, accuracy: float) -> None:
-    err().print(f"epoch {epoch}/{epochs}: train accuracy {accuracy:.3f}")
+def marker_epoch(epoch: int, epochs: int, accuracy: float) -> str:
+    """The training bar's text after an epoch (the bar shows on a terminal only)."""
+    return f"epoch {epoch}/{epochs}, train accuracy {accuracy:.3f}"
 
 
 def marker_trained(res: TrainResult) -> None:

@@ -300,6 +300,7 @@ def test_second_run_on_a_locked_directory_is_refused(world, tmp_path: Path) -> N
     assert run(*_args(world, out)).exit_code == 0  # the lock is gone with its holder
 
 
+@pytest.mark.slow
 def test_concurrent_real_runs_second_refused_first_completes(world, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "radmark", *_args(world, out, "--batch-size", "2")]
@@ -515,6 +516,7 @@ def _zeros_tar_gz(path: Path, members: int, size: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_hostile_sizes_exit_2_or_mark_in_bounded_memory(world, tmp_path: Path) -> None:
     """A 20 KB tar holding one 4000x4000 PNG, and a .tar.gz of three 400 MB zero members.
     Before: 2.8 GB RSS and a 1.2 GB output, or MemoryError (exit 1). After: exit 2 with one line

@@ -211,6 +211,7 @@ def test_the_workflow_triggers_on_releases_and_needs_only_read_access() -> None:
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
 
 
+@pytest.mark.slow
 def test_the_job_runs_end_to_end(github: tuple[World, dict[str, str], str], tmp_path: Path) -> None:
     world, env, sha = github
     job = run_job(_workflow(), _context(env), env, tmp_path / "job", {"BUNDLE_SHA256": sha})
@@ -245,6 +246,7 @@ def test_the_job_runs_end_to_end(github: tuple[World, dict[str, str], str], tmp_
     assert (runner_temp / "radmark-src" / "pyproject.toml").is_file()
 
 
+@pytest.mark.slow
 def test_a_failure_is_reported_as_one(
     github: tuple[World, dict[str, str], str], tmp_path: Path
 ) -> None:

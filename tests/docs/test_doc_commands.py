@@ -182,6 +182,7 @@ def test_the_pages_with_commands_are_all_run() -> None:
     assert set(CHECKS) <= names
 
 
+@pytest.mark.slow  # every shell block of the docs, on tiny worlds (about 35 s); in make test
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: str(p.relative_to(REPO)))
 def test_doc_commands_run(path: Path, worlds: dict[str, World], tmp_path: Path) -> None:
     if missing := harness.missing_tools(path.name):

@@ -48,7 +48,7 @@ def test_far_below_float64_is_finite() -> None:
     assert st.chi2.sf(-2 * np.sum(lp), 2 * lp.size) == 0.0  # linear space underflows: log10 = -inf
 
 
-@pytest.mark.parametrize("d", [16, 512])
+@pytest.mark.parametrize("d", [16, pytest.param(512, marks=pytest.mark.slow)])
 def test_matches_monte_carlo(d: int) -> None:
     rng = np.random.default_rng(d)
     u = _random_unit(rng, 200_000, d)[:, 0]  # cosine with e_1

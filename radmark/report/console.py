@@ -153,6 +153,15 @@ def _spark(values: list[float]) -> str:
     return "".join(_SPARK[min(7, int((v - lo) / span * 8))] for v in values)
 
 
+def _tested(res: VerifyResult) -> str:
+    """What Holm corrected over: every (model, key) pair."""
+    n_models = max(1, len(res.models))
+    n_keys = len(res.results) // n_models
+    if n_models > 1:
+        return f"{len(res.results)} tests: {n_models} models × {n_keys} keys"
+    return f"{n_keys} keys tested"
+
+
 def verify(res: VerifyResult) -> None:
     o = out()
     verdict = (
@@ -160,6 +169,8 @@ def verify(res: VerifyResult) -> None:
         if res.detected
         else "[bold green]no mark detected[/bold green]"
     )
+    if not res.preregistered:  # the verdict holds for this run only: say so where it is read
+        verdict += " [bold yellow](exploratory: not pre-registered)[/bold yellow]"
     head = Table.grid(padding=(0, 2))
     for m in res.models or []:
         head.add_row("model", f"{m.model} ({m.arch})")
@@ -183,9 +194,7 @@ def verify(res: VerifyResult) -> None:
             "[bold]combined (verdict)[/bold]", f"[bold]{r.log10_p:.2f}[/bold]", "yes", r.combination
         )
         if res.correction:
-            t.add_row(
-                "after Holm", f"{r.log10_p_adjusted:.2f}", "yes", f"{len(res.results)} keys tested"
-            )
+            t.add_row("after Holm", f"{r.log10_p_adjusted:.2f}", "yes", _tested(res))
         o.print(t)
         info = Table.grid(padding=(0, 2))
         info.add_row("plan", r.plan.label)

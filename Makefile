@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.radmark-installed
-# torch/torchvision are pinned to the builds this machine keeps on local disk (see DEVELOPERS.md).
+# torch/torchvision are pinned to tested builds (README.md, "Install", has the CPU-only alternative).
 TORCH   := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 2
 

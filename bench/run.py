@@ -1,4 +1,4 @@
-"""The benchmark (docs/../shared/spec/benchmarks.md): real data, suspects from scratch, the null checked.
+"""The benchmark (bench/README.md): real data, suspects from scratch, the null checked.
 
     python -m bench.run --quick   # CPU smoke test of the chain (make bench-quick): 2,000 images
     python -m bench.run --full    # GPU: the single-run protocol (ResNet-18 marker, six fractions)
@@ -400,7 +400,7 @@ def summarise_verify(rc: int, js: dict[str, Any], wall: float) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="radmark benchmark (shared/spec/benchmarks.md)")
+    ap = argparse.ArgumentParser(description="radmark benchmark (bench/README.md)")
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="reduced CPU protocol (< 20 min)")
     mode.add_argument("--full", action="store_true", help="the whole protocol (GPU)")

@@ -107,8 +107,8 @@ def load_timm(spec: str, name: str, head: str | None, device: str) -> LoadedMode
         import timm
     except ImportError:
         raise ModelError(
-            f"{spec}: timm is not installed; pip install 'radmark[timm]' (or timm), or export the "
-            "model to .safetensors"
+            f"{spec}: timm is not installed; pip install timm (or, in your radmark checkout, "
+            "pip install '.[timm]'), or export the model to .safetensors"
         ) from None
     try:
         cfg = timm.models.get_pretrained_cfg(name)

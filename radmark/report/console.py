@@ -28,11 +28,25 @@ if TYPE_CHECKING:
     from radmark.verify.run import VerifyResult
 
 
+#: The console width off a terminal: wider than any path (PATH_MAX is 4096) with its row label,
+#: so that a value is never folded or cut in a log. Renderables are only as wide as their content
+#: (no table or panel here expands), so lines are not padded to this width.
+PIPED_WIDTH = 8192
+
+
 def _console(stderr: bool) -> Console:
     stream = sys.stderr if stderr else sys.stdout
-    # Off a terminal, rich would wrap at 80 columns: use a width that never cuts a hash.
-    width = None if stream.isatty() else 200
+    # Off a terminal, rich would wrap at 80 columns: use a width that never cuts or folds a value.
+    width = None if stream.isatty() else PIPED_WIDTH
     return Console(file=stream, highlight=False, width=width, soft_wrap=not stream.isatty())
+
+
+def _grid() -> Table:
+    """A label/value grid whose values fold on a narrow terminal instead of ending in "…"."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    return grid
 
 
 def out() -> Console:
@@ -171,7 +185,7 @@ def verify(res: VerifyResult) -> None:
     )
     if not res.preregistered:  # the verdict holds for this run only: say so where it is read
         verdict += " [bold yellow](exploratory: not pre-registered)[/bold yellow]"
-    head = Table.grid(padding=(0, 2))
+    head = _grid()
     for m in res.models or []:
         head.add_row("model", f"{m.model} ({m.arch})")
         head.add_row("model sha256", m.sha256)
@@ -185,7 +199,7 @@ def verify(res: VerifyResult) -> None:
         t.add_column("test")
         t.add_column("log10 p", justify="right")
         t.add_column("exact")
-        t.add_column("what")
+        t.add_column("what", overflow="fold")
         for name, tr in r.tests.items():
             extra = "".join(f"; {k.replace('_', ' ')} {v:.4g}" for k, v in tr.extra.items())
             t.add_row(name, f"{tr.log10_p:.2f}", "yes" if tr.exact else "approx.",
@@ -196,7 +210,7 @@ def verify(res: VerifyResult) -> None:
         if res.correction:
             t.add_row("after Holm", f"{r.log10_p_adjusted:.2f}", "yes", _tested(res))
         o.print(t)
-        info = Table.grid(padding=(0, 2))
+        info = _grid()
         info.add_row("plan", r.plan.label)
         info.add_row("mark record", r.record)
         info.add_row("method", r.method)

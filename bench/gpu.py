@@ -377,7 +377,8 @@ def verify_one(store_root: Path, suspect: Path, record: str, probe: list[str], d
     """Every test the record's method names that this evidence supports, through the seam."""
     from radmark.keys.store import Keystore
     from radmark.verify.evidence import EvidenceSettings, prepare
-    from radmark.verify.run import planned_tests, score_record
+    from radmark.verify.planning import planned_tests
+    from radmark.verify.run import score_record
     from radmark.verify.tests import combine
 
     t0 = time.perf_counter()

@@ -165,6 +165,8 @@ def main(workdir: str = "demo-out", scale: Scale | None = None) -> None:
         # the black-box test's verification kit: clean probe images, marked once per slot
         "--kit-probe", str(work / "probe"),
         "--kit-decoys", str(sc.kit_decoys), "--kit-per-class", str(sc.kit_per_class),
+        # the verification plan pins the probe set by content before any suspect exists
+        "--plan-probe", str(work / "probe"),
     )  # fmt: skip
     _radmark("keys", "list", "--keystore", str(ks))
     print(
@@ -180,7 +182,8 @@ def main(workdir: str = "demo-out", scale: Scale | None = None) -> None:
             "verify", str(work / f"{name}.safetensors"),
             "--probe", str(work / "probe"),
             "--key", str(work / "owner.key"), "--keystore", str(ks),
-            "--marker", str(work / "marker.safetensors"), "--black-box",
+            # no test options: the plan's tests run (white box, pull-back, the kit's black box)
+            "--marker", str(work / "marker.safetensors"),
         )  # fmt: skip
         verdicts[name] = res.returncode
     print(

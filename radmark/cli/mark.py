@@ -142,8 +142,9 @@ def mark(
         str | None,
         typer.Option(
             "--plan-tests",
-            help="Verification plan: the tests of the verdict, comma-"
-            "separated (default: the method's exact tests; the kit test with --kit-probe).",
+            help="Verification plan: the tests of the verdict, comma-separated (default: the "
+            "method's exact tests; the kit test with --kit-probe). Planning the kit test pins "
+            "--kit-decoys and --kit-per-class for `radmark kit build`.",
         ),
     ] = None,
     plan_alpha: Annotated[
@@ -153,8 +154,8 @@ def mark(
         list[str] | None,
         typer.Option(
             "--plan-probe",
-            help="Verification plan: pin the clean probe shards "
-            "verification will use (by content), repeatable.",
+            help="Verification plan: pin the clean probe shards verification will use (by "
+            "content), repeatable. Without it a verification that uses a probe is exploratory.",
         ),
     ] = None,
     keystore: KeystoreOpt = Path("keys"),
@@ -167,13 +168,12 @@ def mark(
     passphrase-protected key is unlocked with RADMARK_PASSPHRASE or a prompt.
     """
     from radmark.keys.manage import load_secret_key
-    from radmark.keys.plan import probe_digest
     from radmark.marking.methods import get_method
     from radmark.marking.options import KitRequest, MarkOptions
     from radmark.marking.run import mark_shards
     from radmark.report import console
     from radmark.report.jsonout import mark_json
-    from radmark.verify.run import default_plan
+    from radmark.verify.planning import marking_plan
 
     if on_error not in ON_ERROR:
         raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
@@ -202,16 +202,9 @@ def mark(
     )
     if max_batch_pixels is not None:
         options = replace(options, max_batch_pixels=max_batch_pixels)
-    pinned = None
-    if plan_probe:  # pre-registered before any suspect exists: verify checks the same content
-        from radmark.data.arrays import load_probe
-
-        pp = load_probe(plan_probe)
-        pinned = probe_digest(pp.images, pp.labels)
-    kit_plan = {"decoys": kit_decoys, "per_class": kit_per_class} if kit_probe else None
-    plan = default_plan(get_method(method).tests, kit=kit_plan, probe_sha256=pinned,
-                        alpha=plan_alpha,
-                        tests=plan_tests.split(",") if plan_tests else None)  # fmt: skip
+    plan = marking_plan(method, tests=plan_tests, alpha=plan_alpha,
+                        probe=plan_probe, kit={"decoys": kit_decoys, "per_class": kit_per_class},
+                        kit_with_marking=bool(kit_probe))  # fmt: skip
     options = replace(options, plan=plan.to_record())
     secret, record = load_secret_key(keystore, key, passphrase_fn())
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun only rank 0 reports

@@ -82,12 +82,13 @@ def verify(
         ),
     ] = None,
     pullback: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--pullback/--no-pullback",
-            help="Also run the exact pull-back test (input gradients through the marker).",
+            help="Run the exact pull-back test (input gradients through the marker) or not "
+            "(default: as planned; on for records without a plan).",
         ),
-    ] = True,
+    ] = None,
     pullback_limit: Annotated[
         int | None,
         typer.Option(
@@ -96,13 +97,14 @@ def verify(
         ),
     ] = None,
     black_box: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            "--black-box",
-            help="Run the exact decoy-rank test on the verification kit (outputs only; "
-            "`radmark kit build` first). Without --probe it is the only test.",
+            "--black-box/--no-black-box",
+            help="Run the exact decoy-rank test on the verification kit (outputs only) or not "
+            "(default: as planned, on the record's kit; off for records without a plan). "
+            "Without --probe it is the only test.",
         ),
-    ] = False,
+    ] = None,
     device: DeviceOpt = "auto",
     plot_file: Annotated[
         Path | None,

@@ -25,11 +25,19 @@ if TYPE_CHECKING:
 PLAN_VERSION = 1
 DEFAULT_ALPHA = 1e-3
 DEFAULT_PULLBACK_LIMIT = 2000
+#: The deviation of a run that used a probe set the plan left free: any probe would have "followed"
+#: it, so choosing among probe sets would go unnoticed.
+UNPINNED_PROBE = "the plan pins no probe set: mark with --plan-probe to pre-register one"
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the owner committed to at marking time (``None`` fields: anything goes)."""
+    """What the owner committed to at marking time.
+
+    ``probe_limit`` and ``head`` None: the defaults (no limit, the head found automatically).
+    ``probe_sha256`` None: no probe set pinned, so a run that uses a probe is exploratory (the
+    choice among probe sets would be free). ``kit`` None: no kit parameters pinned.
+    """
 
     tests: tuple[str, ...]
     alpha: float = DEFAULT_ALPHA
@@ -81,7 +89,11 @@ class Plan:
 
 @dataclass(frozen=True)
 class Conduct:
-    """How one verification was actually run, in the terms of a :class:`Plan`."""
+    """How one verification was actually run, in the terms of a :class:`Plan`.
+
+    ``tests``: the exact tests that ran; ``probe_sha256``: the digest of the probe set when a
+    test that uses it ran (None otherwise: a probe nothing used cannot have been chosen for it).
+    """
 
     tests: tuple[str, ...]
     alpha: float
@@ -90,8 +102,8 @@ class Conduct:
     probe_limit: int | None
     pullback_limit: int
     head: str | None
-    kit: Mapping[str, int] | None = None
-    kit_is_first: bool = True
+    kit: Mapping[str, int] | None = None  # the parameters of the kit used (always the first)
+    not_run: Mapping[str, str] = field(default_factory=dict)  # planned test -> why it did not run
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,8 @@ def compare(plan: Plan | None, run: Conduct) -> PlanStatus:
     if plan is None:
         return PlanStatus(registered=False)
     out: list[str] = []
-    missing = [t for t in plan.tests if t not in run.tests]
+    missing = [t + (f" ({run.not_run[t]})" if t in run.not_run else "")
+               for t in plan.tests if t not in run.tests]  # fmt: skip
     extra = [t for t in run.tests if t not in plan.tests]
     if missing:
         out.append(f"planned tests not run: {', '.join(missing)}")
@@ -129,17 +142,16 @@ def compare(plan: Plan | None, run: Conduct) -> PlanStatus:
         out.append(f"tests not in the plan: {', '.join(extra)}")
     if not math.isclose(plan.alpha, run.alpha, rel_tol=1e-12):
         out.append(f"alpha {run.alpha:g} instead of {plan.alpha:g}")
-    if plan.probe_sha256 is not None and run.probe_sha256 != plan.probe_sha256:
+    if run.probe_sha256 is not None and plan.probe_sha256 is None:
+        out.append(UNPINNED_PROBE)
+    elif run.probe_sha256 is not None and run.probe_sha256 != plan.probe_sha256:
         out.append("another probe set than the one the plan pinned")
     for name in ("center", "probe_limit", "pullback_limit", "head"):
         a, b = getattr(plan, name), getattr(run, name)
         if a != b and not (name == "pullback_limit" and "pullback_fisher" not in run.tests):
             out.append(f"{name.replace('_', '-')} {b} instead of {a}")
-    if run.kit is not None:
-        if plan.kit is not None and dict(plan.kit) != dict(run.kit):
-            out.append(f"a kit with {dict(run.kit)} instead of the planned {dict(plan.kit)}")
-        if not run.kit_is_first:
-            out.append("not the record's first verification kit")
+    if run.kit is not None and plan.kit is not None and dict(plan.kit) != dict(run.kit):
+        out.append(f"a kit with {dict(run.kit)} instead of the planned {dict(plan.kit)}")
     return PlanStatus(registered=True, deviations=tuple(out))
 
 

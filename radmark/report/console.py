@@ -199,6 +199,15 @@ def _spark(values: list[float]) -> str:
     return "".join(_SPARK[min(7, int((v - lo) / span * 8))] for v in values)
 
 
+def _tested(res: VerifyResult) -> str:
+    """What Holm corrected over: every (model, key) pair."""
+    n_models = max(1, len(res.models))
+    n_keys = len(res.results) // n_models
+    if n_models > 1:
+        return f"{len(res.results)} tests: {n_models} models × {n_keys} keys"
+    return f"{n_keys} keys tested"
+
+
 def verify(res: VerifyResult) -> None:
     o = out()
     verdict = (
@@ -206,6 +215,8 @@ def verify(res: VerifyResult) -> None:
         if res.detected
         else "[bold green]no mark detected[/bold green]"
     )
+    if not res.preregistered:  # the verdict holds for this run only: say so where it is read
+        verdict += " [bold yellow](exploratory: not pre-registered)[/bold yellow]"
     head = _grid()
     for m in res.models or []:
         head.add_row("model", f"{m.model} ({m.arch})")
@@ -229,9 +240,7 @@ def verify(res: VerifyResult) -> None:
             "[bold]combined (verdict)[/bold]", f"[bold]{r.log10_p:.2f}[/bold]", "yes", r.combination
         )
         if res.correction:
-            t.add_row(
-                "after Holm", f"{r.log10_p_adjusted:.2f}", "yes", f"{len(res.results)} keys tested"
-            )
+            t.add_row("after Holm", f"{r.log10_p_adjusted:.2f}", "yes", _tested(res))
         o.print(t)
         info = _grid()
         info.add_row("plan", r.plan.label)

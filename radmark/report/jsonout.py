@@ -158,7 +158,7 @@ def verify_json(res: VerifyResult) -> dict[str, Any]:
         "correction": res.correction,
         "warnings": res.warnings,
         "seconds": res.seconds,
-        "preregistered": all(not r.exploratory for r in res.results),
+        "preregistered": res.preregistered,
         "models": [
             {
                 "model": m.model,

@@ -2,9 +2,10 @@
 
 The flow: choose the mark records to test (:func:`select_records`), load the suspect and the probe
 once (:func:`~radmark.verify.evidence.prepare`), check each key's carrier commitment, score each
-record with the tests its method names and the evidence allows (:func:`~radmark.verify.tests.score`),
+record with the tests its verification plan names, or the options chose
+(:func:`~radmark.verify.planning.choose_tests`, :func:`~radmark.verify.tests.score`),
 combine each record's exact tests into one p-value (:func:`~radmark.verify.tests.combine`), and
-correct for the number of records tested with Holm (valid under any dependence). p-values stay in
+correct over every (model, record) pair tested with Holm (valid under any dependence). p-values stay in
 natural log until the report renders them.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,13 @@ from radmark.canonical import address
 from radmark.errors import KeystoreError, ModelError, UsageError, check_count, check_positive
 from radmark.keys.keypair import SecretKey
 from radmark.keys.manage import is_key_file
-from radmark.keys.plan import DEFAULT_ALPHA, Conduct, Plan, PlanStatus, compare, probe_digest
+from radmark.keys.plan import Conduct, Plan, PlanStatus, compare, probe_digest
 from radmark.keys.records import MarkRecord
 from radmark.keys.sealing import PassphraseFn, load_keyfile
 from radmark.keys.store import Keystore
 from radmark.verify.black_box import BLACK_BOX
 from radmark.verify.evidence import Evidence, EvidenceSettings, prepare
-from radmark.verify.pullback import PULLBACK
+from radmark.verify.planning import choose_tests
 from radmark.verify.statistics import LN10, holm_adjust
 from radmark.verify.tests import TestResult, combination_rule, combine, get_test, score
 from radmark.verify.white_box import WHITE_BOX
@@ -121,6 +122,11 @@ class VerifyResult:
     seconds: float = 0.0
     models: list[ModelInfo] = field(default_factory=list)
 
+    @property
+    def preregistered(self) -> bool:
+        """True when every result followed the plan its record signed at marking."""
+        return all(not r.exploratory for r in self.results)
+
 
 def select_records(
     store: Keystore, key_ref: str | None, passphrase: PassphraseFn, *, want_kit: bool = False
@@ -167,22 +173,6 @@ def select_records(
     return out
 
 
-def planned_tests(record: MarkRecord, *, offered: set[str], excluded: set[str]) -> list[str]:
-    """The tests to run for ``record``: those its method names whose needs are offered.
-
-    ``offered``: ``probe`` with --probe, ``kit`` with --black-box; ``excluded``: tests switched
-    off by an option (--no-pullback).
-    """
-    from radmark.marking.methods import get_method
-    from radmark.verify.tests import get_test
-
-    return [
-        name
-        for name in get_method(record.method).tests
-        if name not in excluded and get_test(name).needs <= offered
-    ]
-
-
 def score_record(evidence: Evidence, record: MarkRecord, key: SecretKey, names: Sequence[str]
                  ) -> dict[str, TestResult]:  # fmt: skip
     """Score one record after checking that ``key`` derives what the record committed to."""
@@ -190,21 +180,6 @@ def score_record(evidence: Evidence, record: MarkRecord, key: SecretKey, names: 
 
     get_method(record.method).check_key(record, key)
     return score(evidence, record, key, names)
-
-
-def default_plan(method_tests: Sequence[str], *, kit: Mapping[str, int] | None,
-                 probe_sha256: str | None = None, alpha: float = DEFAULT_ALPHA,
-                 tests: Sequence[str] | None = None) -> Plan:  # fmt: skip
-    """The plan ``radmark mark`` signs: the method's exact tests (the kit test only when a kit is
-    built with the marking) or ``tests``, α, and the clean probe set when the owner names one."""
-    names = list(tests) if tests is not None else [
-        t for t in method_tests
-        if get_test(t).exact and ("kit" not in get_test(t).needs or kit is not None)
-    ]  # fmt: skip
-    unknown = [t for t in names if t not in method_tests]
-    if unknown:
-        raise UsageError(f"the plan names tests the method does not have: {', '.join(unknown)}")
-    return Plan(tests=tuple(names), alpha=alpha, probe_sha256=probe_sha256, kit=kit)
 
 
 def _plan_of(rec: MarkRecord) -> Plan | None:
@@ -231,18 +206,21 @@ def verify_models(
     center: bool | None = None,
     batch_size: int = 256,
     passphrase: PassphraseFn = lambda: None,
-    pullback: bool = True,
+    pullback: bool | None = None,
     pullback_limit: int | None = None,
-    black_box: bool = False,
+    black_box: bool | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> VerifyResult:
     """Test every model against every selected mark record; see the module docstring.
 
-    Options left at None follow the verification plan the record signed at marking (α, centring,
-    probe and pull-back limits, head); anything that differs from the plan is reported as a
-    deviation and the result as exploratory (``keys/plan.py``). Holm corrects over every
-    (model, record) pair tested. With ``black_box`` the decoy-rank test runs on each record's
-    (first) verification kit; with ``black_box`` and no ``probe`` it runs alone.
+    Options left at None follow the verification plan the record signed at marking (the tests,
+    α, centring, probe and pull-back limits, head); anything that differs from the plan is
+    reported as a deviation and the result as exploratory (``keys/plan.py``); which tests run is
+    ``verify/planning.py``. A planned kit test runs on the record's first verification kit, or is
+    reported as not run when the keystore has none. ``black_box`` True asks for the kit test (a
+    missing kit is then an error), False turns it off; with ``black_box`` and no ``probe`` it
+    runs alone. Records without a plan run what the options offer (``pullback`` on and
+    ``black_box`` off when unset). Holm corrects over every (model, record) pair tested.
     """
     if not model_specs:
         raise UsageError("name at least one model to verify")
@@ -251,7 +229,7 @@ def verify_models(
     check_count("--batch-size", batch_size)
     t0 = time.perf_counter()
     store = Keystore.open(keystore)
-    selected = select_records(store, key_ref, passphrase, want_kit=black_box)
+    selected = select_records(store, key_ref, passphrase, want_kit=black_box is True)
     first = _plan_of(selected[0][0]) or Plan(tests=("none",))
     alpha = first.alpha if alpha is None else alpha
     check_positive("--alpha", alpha, below=1.0)
@@ -259,17 +237,16 @@ def verify_models(
     probe_limit = first.probe_limit if probe_limit is None else probe_limit
     pullback_limit = first.pullback_limit if pullback_limit is None else pullback_limit
     head = first.head if head is None else head
-    offered = ({"probe"} if probe else set()) | ({"kit"} if black_box else set())
-    excluded = set() if pullback else {PULLBACK}
-    plans = {rec.address: planned_tests(rec, offered=offered, excluded=excluded)
-             for rec, _key in selected}  # fmt: skip
-    if black_box:  # a missing kit fails before any model is loaded
-        from radmark.marking.kit import first_kit
+    from radmark.marking.kit import first_kit, kit_records
 
+    if black_box:  # a missing kit the user asked for fails before any model is loaded
         for rec, _key in selected:
             first_kit(store, rec)
+    plans = {rec.address: choose_tests(rec, _plan_of(rec), probe=bool(probe), black_box=black_box,
+                                       pullback=pullback, has_kit=bool(kit_records(store, rec)))
+             for rec, _key in selected}  # fmt: skip
     for rec, _key in selected:
-        if not plans[rec.address]:
+        if not any(get_test(n).exact for n in plans[rec.address].names):
             raise UsageError(
                 f"no test of mark record {rec.short} ({rec.method} method) can run: pass --probe "
                 "SHARDS (clean images from the same distribution, never marked) or --black-box "
@@ -295,12 +272,14 @@ def verify_models(
         for rec, key in selected:
             if progress is not None:
                 progress(len(pairs), len(model_specs) * len(selected), f"{spec} vs {rec.short}")
-            tests = score_record(evidence, rec, key, plans[rec.address])
+            tests = score_record(evidence, rec, key, plans[rec.address].names)
+            ran = tuple(n for n, t in tests.items() if t.exact)
             conduct = Conduct(
-                tests=tuple(n for n, t in tests.items() if t.exact), alpha=alpha,
-                probe_sha256=digest, center=center, probe_limit=probe_limit,
+                tests=ran, alpha=alpha, center=center, probe_limit=probe_limit,
+                probe_sha256=digest if any("probe" in get_test(n).needs for n in ran) else None,
                 pullback_limit=pullback_limit, head=head,
                 kit=_kit_used(evidence, rec) if BLACK_BOX in tests else None,
+                not_run=plans[rec.address].not_run,
             )  # fmt: skip
             pairs.append((evidence, rec, tests, compare(_plan_of(rec), conduct)))
         warnings += [n for n in evidence.notes if n not in warnings]

@@ -13,7 +13,8 @@ The worlds (built once per test session from ``tests/factories.py``):
   state dict saved with ``safetensors.torch.save_file``, as the README's snippet does);
 * **owner** (every page under docs/): the data world plus a key in ``keys/`` with its portable
   file ``owner.key``, ``marker.safetensors``, and a mark record of ``shards/`` with a verification
-  kit (3 decoys, 1 image per class), as if the quickstart and ``--kit-probe`` had run.
+  kit (3 decoys, 1 image per class) and ``probe/`` pinned in its plan, as if the quickstart
+  (``--plan-probe probe/``) and ``--kit-probe`` had run.
 
 Both have ``s3://my-bucket/train/`` holding the three shards (``$FAKE_S3``) and an empty fake
 GitHub (``$FAKE_GH``).
@@ -252,7 +253,8 @@ def build_data_world(root: Path) -> World:
 
 
 def build_owner_world(root: Path) -> World:
-    """The data world, a key, a marker, and a mark record of ``shards/`` with its kit.
+    """The data world, a key, a marker, and a mark record of ``shards/`` with its kit, its plan
+    pinning ``probe/``.
 
     Marked from inside the world with relative paths, so the record finds ``marker.safetensors``
     in every copy of the world, as the quickstart's record would.
@@ -274,6 +276,7 @@ def build_owner_world(root: Path) -> World:
                 "mark", "shards", "--key", "owner.key", "--keystore", "keys",
                 "--marker", "marker.safetensors", "--out", "../owner-marked", "--steps", "2",
                 "--kit-probe", "probe", "--kit-decoys", "3", "--kit-per-class", "1",
+                "--plan-probe", "probe",
             ],
         )  # fmt: skip
     finally:

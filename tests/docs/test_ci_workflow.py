@@ -227,8 +227,11 @@ def test_the_job_runs_end_to_end(github: tuple[World, dict[str, str], str], tmp_
     (result,) = report["results"]
     fingerprint = json.loads((world.root / "owner.key").read_text())["secret"]["fingerprint"]
     assert result["fingerprint"].removeprefix("sha256:") == fingerprint.removeprefix("sha256:")
-    # the bundle had a kit: the black-box test ran beside the white-box tests
+    # the plan names the kit test and the bundle had the kit: it ran beside the white-box tests
+    # without --black-box, on the pinned probe; the only deviation is the test's own shrinking
+    # of the pull-back limit (tests/docs/stubs.py)
     assert {"white_box_fisher", "pullback_fisher", "black_box_rank"} <= set(result["tests"])
+    assert result["plan"]["deviations"] == ["pullback-limit 32 instead of 2000"]
     summary = (tmp_path / "job" / "step-summary.md").read_text()
     assert summary.startswith("### radmark: " + ("FAILED" if report["detected"] else "passed"))
     runner_temp = tmp_path / "job" / "runner-temp"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from radmark.errors import UsageError
-from radmark.keys.plan import Conduct, Plan, compare, probe_digest
+from radmark.keys.plan import UNPINNED_PROBE, Conduct, Plan, compare, probe_digest
 
 PLAN = Plan(tests=("white_box_fisher", "pullback_fisher"), alpha=1e-3, probe_sha256="ab" * 32)
 
@@ -32,14 +34,31 @@ def test_the_plan_followed() -> None:
         ({"center": True}, "center True"),
         ({"probe_limit": 500}, "probe-limit 500"),
         ({"head": "fc"}, "head fc"),
-        ({"kit": {"decoys": 9, "per_class": 10}, "kit_is_first": False}, "first verification kit"),
+        ({"kit": {"decoys": 9, "per_class": 10}}, "a kit with {'decoys': 9, 'per_class': 10}"),
+        (
+            {"tests": ("white_box_fisher",), "not_run": {"pullback_fisher": "why"}},
+            "planned tests not run: pullback_fisher (why)",
+        ),
     ],
 )
 def test_every_deviation_is_named(change: dict, needle: str) -> None:
-    status = compare(PLAN, _run(**change))
+    plan = replace(PLAN, kit={"decoys": 39, "per_class": 10})
+    status = compare(plan, _run(**change))
     assert status.registered and not status.followed
     assert any(needle in d for d in status.deviations), status.deviations
     assert status.label.startswith("EXPLORATORY")
+
+
+def test_a_probe_the_plan_left_free_is_a_deviation() -> None:
+    """Issue #17: with no probe pinned, any probe set would "follow" the plan, so probe
+    shopping would go unnoticed; a run that used a probe is exploratory, one that used none is
+    not (nothing was chosen)."""
+    free = replace(PLAN, probe_sha256=None)
+    status = compare(free, _run(probe_sha256="cd" * 32))
+    assert status.deviations == (UNPINNED_PROBE,) and "--plan-probe" in status.label
+    assert compare(free, _run(probe_sha256=None)).followed
+    kit_only = replace(PLAN, tests=("black_box_rank",))  # the kit alone: no probe was used
+    assert compare(kit_only, _run(tests=("black_box_rank",), probe_sha256=None)).followed
 
 
 def test_no_plan_is_exploratory() -> None:

@@ -420,8 +420,10 @@ def test_guarantee_holds_without_the_slow_fallback(
 
 
 def test_fast_at_scale() -> None:
-    """The issue's targets: well under a second each on an idle core; asserted at < 3 s (cold
-    caches, a loaded 2-core CI machine). Measured times are printed (pytest -s)."""
+    """The issue's targets: "well under a second" at C = 1000 and at 10,000 units, asserted at
+    < 1 s per call (recorded: 0.02-0.3 s). Each call starts from cold rank tables; the best of
+    three is timed so that a moment of the shared CI machine's load does not count. Measured
+    times are printed (pytest -s)."""
     rng = np.random.default_rng(11)
     cases = {
         "C=1000 slots=40 null": (rng.integers(1, 41, 1000), 40),
@@ -433,13 +435,16 @@ def test_fast_at_scale() -> None:
         "N=1000 slots=1000 signal": (rng.integers(1, 500, 1000), 1000),
     }
     for name, (r, slots) in cases.items():
-        stats.clear_caches()
-        t0 = time.perf_counter()
-        lp = rank_log_sf(r, slots)
-        dt = time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            stats.clear_caches()
+            t0 = time.perf_counter()
+            lp = rank_log_sf(r, slots)
+            times.append(time.perf_counter() - t0)
+        dt = min(times)
         print(f"{name}: {dt:.3f} s (log10 p = {to_log10(lp):.2f})")
         assert math.isfinite(lp)
-        assert dt < 3.0, (name, dt)
+        assert dt < 1.0, (name, times)
 
 
 @pytest.mark.skipif(not stats.LONG_DOUBLE_WIDER, reason="needs a long double wider than float64")

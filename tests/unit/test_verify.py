@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,48 @@ def test_test_result_is_frozen() -> None:
     assert t.log10_p == pytest.approx(-1.0 / LN10)
     with pytest.raises(AttributeError):
         t.log_p = 0.0  # type: ignore[misc]
+
+
+def test_holm_runs_over_models_times_keys(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """Issue #17 item 3 through the real ``verify_models`` path, 2 models × 2 keys, with designed
+    per-pair p-values (the scoring is replaced; records, evidence, combination, Holm and the
+    verdict are the library's): Holm runs over all four pairs, which neither Holm within each key
+    nor within each model reproduces, and the verdict at α = 0.003 follows the four-pair Holm."""
+    from radmark.report import console
+    from radmark.verify import run
+    from radmark.verify.statistics import holm_adjust
+    from tests.factories import make_marker, make_record, make_shards
+
+    marker = str(make_marker(tmp_path / "m.safetensors"))
+    other = str(make_marker(tmp_path / "o.safetensors", seed=3))
+    make_shards(tmp_path / "probe", n=40, per_shard=40, offset=1000, with_json=False)
+    k1, k2 = (make_record(tmp_path / "ks", Path(marker)).address for _ in range(2))
+    p = {(marker, k1): 0.001, (marker, k2): 0.02, (other, k1): 0.03, (other, k2): 0.04}
+
+    def designed(evidence, record, key, names):  # noqa: ANN001, ANN202
+        lp = math.log(p[(evidence.suspect.source, record.address)])
+        return {WHITE_BOX: TestResult(WHITE_BOX, lp, True, 0.0, "designed", "carriers")}
+
+    monkeypatch.setattr(run, "score_record", designed)
+    res = run.verify_models([marker, other], keystore=tmp_path / "ks", alpha=0.003,
+                            probe=[str(tmp_path / "probe")])  # fmt: skip
+    got = {(r.model, r.record.removeprefix("sha256:")): math.exp(r.log_p_adjusted)
+           for r in res.results}  # fmt: skip
+    assert got == pytest.approx(  # Holm over 4: 4·0.001, then max(3·0.02, 2·0.03, 0.04)
+        {(marker, k1): 0.004, (marker, k2): 0.06, (other, k1): 0.06, (other, k2): 0.06}
+    )
+
+    def holm_within(group: int) -> dict:
+        out = {}
+        for g in {pair[group] for pair in p}:
+            pairs = [pair for pair in p if pair[group] == g]
+            adj = holm_adjust(np.log([p[pair] for pair in pairs]))
+            out.update({pair: math.exp(a) for pair, a in zip(pairs, adj, strict=True)})
+        return out
+
+    for group in (0, 1):  # per model, per key: each differs from what verify reported
+        assert holm_within(group) != pytest.approx(got)
+    assert not res.detected  # per key, (marker, k1) would be 0.002 <= 0.003: detected
+    assert res.correction == "holm over 2 models x 2 keys"
+    console.verify(res)
+    assert "4 tests: 2 models × 2 keys" in capsys.readouterr().out

@@ -97,9 +97,14 @@ def choose_tests(record: MarkRecord, plan: Plan | None, *, probe: bool, black_bo
     from radmark.marking.methods import get_method
 
     if plan is None:  # records made before plans: the options decide, as they always did
-        offered = ({"probe"} if probe else set()) | ({"kit"} if black_box else set())
+        offered = ({"probe"} if probe else set()) | ({"kit"} if black_box and has_kit else set())
         excluded = {PULLBACK} if pullback is False else set()
-        return Selection(tuple(planned_tests(record, offered=offered, excluded=excluded)))
+        legacy = planned_tests(record, offered=offered, excluded=excluded)
+        missing = {  # --black-box asked for a kit this record does not have: reported, not fatal
+            n: NO_KIT for n in get_method(record.method).tests
+            if black_box and not has_kit and "kit" in get_test(n).needs
+        }  # fmt: skip
+        return Selection(tuple(legacy), missing)
     offered = ({"probe"} if probe else set()) | ({"kit"} if has_kit else set())
     names: list[str] = []
     not_run: dict[str, str] = {}

@@ -30,7 +30,7 @@ from radmark.keys.sealing import PassphraseFn, load_keyfile
 from radmark.keys.store import Keystore
 from radmark.verify.black_box import BLACK_BOX
 from radmark.verify.evidence import Evidence, EvidenceSettings, prepare
-from radmark.verify.planning import choose_tests
+from radmark.verify.planning import NO_KIT, choose_tests
 from radmark.verify.statistics import LN10, holm_adjust
 from radmark.verify.tests import TestResult, combination_rule, combine, get_test, score
 from radmark.verify.white_box import WHITE_BOX
@@ -239,19 +239,32 @@ def verify_models(
     head = first.head if head is None else head
     from radmark.marking.kit import first_kit, kit_records
 
-    if black_box:  # a missing kit the user asked for fails before any model is loaded
-        for rec, _key in selected:
-            first_kit(store, rec)
+    has_kit = {rec.address: bool(kit_records(store, rec)) for rec, _key in selected}
+    if black_box and not any(has_kit.values()):  # asked for a kit no record has: fail early
+        first_kit(store, selected[0][0])
     plans = {rec.address: choose_tests(rec, _plan_of(rec), probe=bool(probe), black_box=black_box,
-                                       pullback=pullback, has_kit=bool(kit_records(store, rec)))
+                                       pullback=pullback, has_kit=has_kit[rec.address])
              for rec, _key in selected}  # fmt: skip
-    for rec, _key in selected:
-        if not any(get_test(n).exact for n in plans[rec.address].names):
-            raise UsageError(
-                f"no test of mark record {rec.short} ({rec.method} method) can run: pass --probe "
-                "SHARDS (clean images from the same distribution, never marked) or --black-box "
-                "(outputs only, with the record's verification kit)"
-            )
+    # each record is tested with what it has (issue #12 §7): a record without a kit is reported
+    warnings: list[str] = []
+    runnable = []
+    for rec, key in selected:
+        if any(get_test(n).exact for n in plans[rec.address].names):
+            runnable.append((rec, key))
+            if plans[rec.address].not_run:
+                warnings.append(f"mark record {rec.short}: {', '.join(plans[rec.address].not_run)}"
+                                f" did not run ({NO_KIT})")  # fmt: skip
+        elif len(selected) > 1:
+            warnings.append(f"mark record {rec.short} was not tested: none of its tests can run "
+                            f"with these options ({NO_KIT}; pass --probe)")  # fmt: skip
+    if not runnable:
+        rec = selected[0][0]
+        raise UsageError(
+            f"no test of mark record {rec.short} ({rec.method} method) can run: pass --probe "
+            "SHARDS (clean images from the same distribution, never marked) or --black-box "
+            "(outputs only, with the record's verification kit)"
+        )
+    selected = runnable
     if probe:  # before any work: a marked probe biases the white-box test (verify/guard.py)
         from radmark.verify.guard import check_probe_shards
 
@@ -259,7 +272,6 @@ def verify_models(
     settings = EvidenceSettings(device=device, batch_size=batch_size, center=center,
                                 pullback_limit=pullback_limit, marker_spec=marker_spec)  # fmt: skip
     pairs: list[tuple[Evidence, MarkRecord, dict[str, TestResult], PlanStatus]] = []
-    warnings: list[str] = []
     models: list[ModelInfo] = []
     for spec in model_specs:
         evidence = prepare(spec, store=store, probe=probe, probe_limit=probe_limit, arch=arch,

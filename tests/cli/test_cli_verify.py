@@ -455,6 +455,29 @@ def test_black_box_finds_an_earlier_kit_after_a_later_mark_without_one(
     assert res.exit_code in (0, 1), res.output
     (r,) = json.loads(res.stdout)["results"]
     assert r["record"] == kit_record and "black_box_rank" in r["tests"]
+    # A later record with another marker (other carriers) and no kit is reported, not fatal (the
+    # audit found exit 2 "no verification kit"): with --probe it gets the white-box tests...
+    other = run(*base[:-5], "--marker", world["clean"], "--steps", "1", "--json", "--out",
+                tmp_path / "m3", "--fraction", "0.5")  # fmt: skip
+    assert other.exit_code == 0, other.output
+    other_record = json.loads(other.stdout)["record"]
+    res = run("verify", world["clean"], "--keystore", ks, "--key", fp, "--black-box", "--probe",
+              world["probe"], "--json")  # fmt: skip
+    assert res.exit_code in (0, 1), res.output
+    doc = json.loads(res.stdout)
+    by_record = {r["record"]: r for r in doc["results"]}
+    assert set(by_record) == {kit_record, other_record}
+    assert "black_box_rank" in by_record[kit_record]["tests"]
+    assert "black_box_rank" not in by_record[other_record]["tests"]
+    assert "white_box_fisher" in by_record[other_record]["tests"]
+    assert any(other_record.removeprefix("sha256:")[:12] in w and "no verification kit" in w
+               for w in doc["warnings"]), doc["warnings"]  # fmt: skip
+    # ... and without a probe it cannot be tested: the kit's record is, the other is reported
+    res = run("verify", world["clean"], "--keystore", ks, "--key", fp, "--black-box", "--json")
+    assert res.exit_code in (0, 1), res.output
+    doc = json.loads(res.stdout)
+    assert [r["record"] for r in doc["results"]] == [kit_record]
+    assert any("was not tested" in w for w in doc["warnings"]), doc["warnings"]
 
 
 def test_progress_is_reported_once_per_model_and_key(world: dict[str, Any]) -> None:

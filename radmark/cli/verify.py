@@ -129,7 +129,8 @@ def verify(
     if expect not in EXPECT:
         raise UsageError(f"--expect must be one of {', '.join(EXPECT)}, not {expect!r}")
     if plot_file is not None:  # checked before any work; written after the verdict
-        check_target(plot_file, white_box=bool(probe), force=force)
+        check_target(plot_file, white_box=bool(probe), force=force,
+                     files=[*models, *(s for s in (marker, key) if s)], shards=probe or [])  # fmt: skip
     with console.progress("verifying", enabled=not json_out) as bar:
         task = bar.add_task("", total=None)
 
@@ -161,7 +162,12 @@ def verify(
     if plot_file is not None:  # an optional artefact: its failure never replaces the verdict
         try:
             cosine_plot(res, plot_file, overwrite=force)
-        except RadmarkError as exc:
-            typer.echo(f"radmark: warning: the plot was not written: {exc.diagnostics()}", err=True)
+        except Exception as exc:  # noqa: BLE001 (whatever fails, the verdict above stands)
+            why = (
+                exc.diagnostics()
+                if isinstance(exc, RadmarkError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            typer.echo(f"radmark: warning: the plot was not written: {why}", err=True)
     failed = res.detected if expect == "clean" else not res.detected
     raise typer.Exit(EXIT_DETECTED if failed else 0)

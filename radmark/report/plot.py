@@ -19,15 +19,30 @@ from radmark.errors import InputError, UsageError
 from radmark.fsutil import check_new_target, place_file
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from radmark.verify.run import VerifyResult
 
 
-def check_target(path: Path, *, white_box: bool, force: bool = False) -> None:
-    """Refuse an unwritable or existing target (unless ``force``) or a run without cosines,
-    before anything is computed."""
+def check_target(
+    path: Path,
+    *,
+    white_box: bool,
+    force: bool = False,
+    files: Sequence[str] = (),
+    shards: Sequence[str] = (),
+) -> None:
+    """Refuse an unwritable or existing target (unless ``force``), one of the run's inputs
+    (``files``: models, marker, key file; ``shards``: the probe's specs; never written, even
+    with ``force``) or a run without cosines, before anything is computed."""
     if not white_box:
         raise UsageError("--plot shows the white-box cosines: it needs --probe SHARDS")
     check_new_target(path, force=force, what="--plot")
+    if force and Path(path).exists():
+        from radmark.data.sources import expand_shards, input_files
+
+        inputs = [f for f in files if os.path.isfile(f)] + input_files(expand_shards(shards))
+        check_new_target(path, force=True, what="--plot", inputs=inputs)
     try:
         import matplotlib  # noqa: F401
     except ImportError:

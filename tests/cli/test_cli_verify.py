@@ -497,3 +497,24 @@ def test_progress_is_reported_once_per_model_and_key(world: dict[str, Any]) -> N
     assert len(res.results) == 4
     assert [(d, t) for d, t, _ in events] == [(i, 4) for i in range(4)]
     assert all(str(world["clean"]) in what for _, _, what in events)
+
+
+def test_plot_never_writes_over_an_input_even_with_force(world: dict[str, Any], tmp_path: Path
+                                                          ) -> None:  # fmt: skip
+    """Issue #12 §6 (audit G2): ``--plot P/probe-000000.tar --force`` overwrote the probe shard
+    and ``--plot MODEL --force`` the model; inputs are never written."""
+    import shutil
+
+    probe = tmp_path / "probe"
+    shutil.copytree(world["probe"], probe)
+    model = tmp_path / "clean.safetensors"
+    shutil.copy(world["clean"], model)
+    shard = sorted(probe.iterdir())[0]
+    before = {p: p.read_bytes() for p in (shard, model)}
+    for target in (shard, model):
+        res = run("verify", model, "--keystore", world["ks"], "--probe", probe, "--marker",
+                  world["marker"], "--no-pullback", "--plot", target, "--force")  # fmt: skip
+        assert res.exit_code == 2, res.output
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "one of this command's inputs" in lines[0], res.stderr
+    assert {p: p.read_bytes() for p in before} == before

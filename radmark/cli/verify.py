@@ -38,11 +38,11 @@ def verify(
         typer.Option("--probe", help="Clean probe shards (never marked), repeatable."),
     ] = None,
     key: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--key",
-            help="Key file, key fingerprint or mark record (prefix). Default: every mark record "
-            "in the keystore.",
+            help="Key file, key fingerprint or mark record (prefix); repeat it to test several "
+            "keys in one call (Holm over all of them). Default: every mark record in the keystore.",
         ),
     ] = None,
     marker: Annotated[
@@ -130,7 +130,7 @@ def verify(
         raise UsageError(f"--expect must be one of {', '.join(EXPECT)}, not {expect!r}")
     if plot_file is not None:  # checked before any work; written after the verdict
         check_target(plot_file, white_box=bool(probe), force=force,
-                     files=[*models, *(s for s in (marker, key) if s)], shards=probe or [])  # fmt: skip
+                     files=[*models, *([marker] if marker else []), *(key or [])], shards=probe or [])  # fmt: skip
     with console.progress("verifying", enabled=not json_out) as bar:
         task = bar.add_task("", total=None)
 
@@ -141,7 +141,7 @@ def verify(
             models,
             keystore=keystore,
             probe=probe or [],
-            key_ref=key,
+            key_ref=key or None,
             marker_spec=marker,
             arch=arch,
             head=head,

@@ -196,7 +196,7 @@ def verify_models(
     *,
     keystore: Path,
     probe: Sequence[str],
-    key_ref: str | None = None,
+    key_ref: str | Sequence[str] | None = None,
     marker_spec: str | None = None,
     arch: str | None = None,
     head: str | None = None,
@@ -229,7 +229,12 @@ def verify_models(
     check_count("--batch-size", batch_size)
     t0 = time.perf_counter()
     store = Keystore.open(keystore)
-    selected = select_records(store, key_ref, passphrase, want_kit=black_box is True)
+    refs = [key_ref] if isinstance(key_ref, str) else list(key_ref) if key_ref else [None]
+    selected: list[tuple[MarkRecord, SecretKey]] = []  # every key named (or every record): one Holm family over all of them
+    for ref in refs:
+        for rec, key in select_records(store, ref, passphrase, want_kit=black_box is True):
+            if all(rec.address != r.address for r, _k in selected):
+                selected.append((rec, key))
     first = _plan_of(selected[0][0]) or Plan(tests=("none",))
     alpha = first.alpha if alpha is None else alpha
     check_positive("--alpha", alpha, below=1.0)

@@ -200,6 +200,15 @@ def test_holm_over_all_keys_in_the_keystore(world: dict[str, Any]) -> None:
     )
     text = verify(world, world["clean"]).stdout
     assert "Holm" in text and "2 keys tested" in text
+    # the same family through repeated --key (a CI job names its keys; issue #16): same numbers
+    res = verify(world, world["clean"], "--key", world["k1_file"], "--key", world["k2"], "--json")
+    assert res.exit_code in (0, 1), res.output
+    again = {r["fingerprint"]: r for r in json.loads(res.stdout)["results"]}
+    assert set(again) == set(got)
+    for fp, r in again.items():
+        assert r["log10_p_adjusted"] == pytest.approx(got[fp]["log10_p_adjusted"], abs=1e-9)
+    res = verify(world, world["clean"], "--key", world["k1"], "--json")  # one key: no correction
+    assert json.loads(res.stdout)["correction"] is None
 
 
 def test_plot_writes_a_png(world: dict[str, Any], tmp_path: Path) -> None:

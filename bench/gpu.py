@@ -376,8 +376,8 @@ def verify_one(store_root: Path, suspect: Path, record: str, probe: list[str], d
                excluded: set[str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Every test the record's method names that this evidence supports, through the seam."""
     from radmark.keys.store import Keystore
+    from radmark.verify.choice import planned_tests
     from radmark.verify.evidence import EvidenceSettings, prepare
-    from radmark.verify.planning import planned_tests
     from radmark.verify.run import score_record
     from radmark.verify.tests import combine
 

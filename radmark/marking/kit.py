@@ -34,7 +34,7 @@ from radmark.keys.store import Keystore
 
 if TYPE_CHECKING:
     from radmark.marking.methods import CarrierMark
-    from radmark.models.loaded import LoadedModel
+    from radmark.models.network import LoadedModel
 
 KIT_FORMAT = "radmark-kit-v1"
 STATISTIC = (
@@ -214,7 +214,7 @@ def build_kit(
     from radmark.data.arrays import load_labelled_images
     from radmark.keys.plan import Plan
     from radmark.marking.methods import decoy_kit_step, get_method
-    from radmark.models.markers import load_marker
+    from radmark.models.identity import load_marker
 
     t0 = time.perf_counter()
     if decoys < 1:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from radmark.keys.keypair import SecretKey
     from radmark.keys.records import MarkRecord
-    from radmark.models.loaded import LoadedModel
+    from radmark.models.network import LoadedModel
 
 FeaturesFn = Callable[["torch.Tensor"], "torch.Tensor"]  # images [B, C, H, W] -> features [B, d]
 

@@ -407,7 +407,7 @@ def first_images(
     """Up to ``limit`` decodable images of one size among the first ``scan`` samples of a shard,
     uint8 [B, H, W, C].
 
-    For checking a marker on real images before a run starts (``models/markers.py``); samples that
+    For checking a marker on real images before a run starts (``models/identity.py``); samples that
     do not decode are passed over here (the run itself reports them), and so are images under
     ``MIN_MARK_SIDE`` px on a side, which the run copies unmarked and never gives the marker: one
     tiny image first must not decide the size checked (issue #12). Empty when none qualifies.

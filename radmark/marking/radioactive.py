@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from radmark.keys.keypair import SecretKey
     from radmark.keys.records import MarkRecord
-    from radmark.models.loaded import LoadedModel
+    from radmark.models.network import LoadedModel
 
 __all__ = ["PRESETS", "MarkingParams", "RadioactiveMethod", "get_preset", "mark_batch"]
 

@@ -155,7 +155,7 @@ def _mark_shards(
 ) -> MarkResult:
     from radmark.marking.methods import get_method
     from radmark.models import load_model
-    from radmark.models.markers import check_features_finite
+    from radmark.models.identity import check_features_finite
 
     t0 = time.perf_counter()
     rank, world = group.rank, group.world

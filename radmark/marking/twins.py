@@ -40,7 +40,7 @@ from radmark.marking.methods import Budget, MarkBatchResult, register_method
 if TYPE_CHECKING:
     from radmark.keys.keypair import SecretKey
     from radmark.keys.records import MarkRecord
-    from radmark.models.loaded import LoadedModel
+    from radmark.models.network import LoadedModel
 
 MODES = ("pm", "dir", "noise")
 TWIN_KIT_FORMAT = "radmark-twin-kit-v1"

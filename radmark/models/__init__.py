@@ -6,8 +6,8 @@ never touches the network.
 
 from radmark.models.files import canonical_safetensors, read_safetensors_header, save_model
 from radmark.models.heads import Head, resolve_head
-from radmark.models.loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 from radmark.models.loading import load_model
+from radmark.models.network import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 from radmark.models.registry import ARCH_REGISTRY, SlimResNet, SmallCNN, arch_names, build_model
 
 __all__ = [

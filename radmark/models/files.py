@@ -27,7 +27,7 @@ from radmark.data.writer import sha256_file
 from radmark.errors import ModelError, UsageError
 from radmark.fsutil import place_file
 from radmark.models.heads import resolve_head
-from radmark.models.loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, finalise
+from radmark.models.network import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, finalise
 from radmark.models.registry import build_model, first_conv, get_arch
 from radmark.models.statedict import (
     META_ARCH,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from radmark.errors import ModelError, UsageError
-from radmark.models.loaded import LoadedModel
+from radmark.models.network import LoadedModel
 from radmark.models.registry import get_arch
 
 

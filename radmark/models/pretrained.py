@@ -17,7 +17,7 @@ from torch import nn
 from radmark.data.writer import sha256_file
 from radmark.errors import ModelError
 from radmark.models.heads import resolve_head
-from radmark.models.loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, finalise
+from radmark.models.network import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, finalise
 from radmark.models.statedict import check_finite
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from radmark.keys.records import KitRecord, MarkRecord
     from radmark.keys.store import Keystore
     from radmark.marking.kit import Kit
-    from radmark.models.loaded import LoadedModel
+    from radmark.models.network import LoadedModel
     from radmark.verify.alignment import Alignment
 
 POOR_ALIGNMENT_R2 = 0.5
@@ -74,7 +74,7 @@ class Evidence:
     # ------------------------------------------------------------------ models
     def marker(self, record: MarkRecord) -> LoadedModel:
         """The record's marking network, loaded once per identity, its hash checked."""
-        from radmark.models.markers import load_marker
+        from radmark.models.identity import load_marker
 
         s = self.settings
         return self.cached(

@@ -3,7 +3,7 @@
 The flow: choose the mark records to test (:func:`select_records`), load the suspect and the probe
 once (:func:`~radmark.verify.evidence.prepare`), check each key's carrier commitment, score each
 record with the tests its verification plan names, or the options chose
-(:func:`~radmark.verify.planning.choose_tests`, :func:`~radmark.verify.tests.score`),
+(:func:`~radmark.verify.choice.choose_tests`, :func:`~radmark.verify.tests.score`),
 combine each record's exact tests into one p-value (:func:`~radmark.verify.tests.combine`), and
 correct over every (model, record) pair tested with Holm (valid under any dependence). p-values stay in
 natural log until the report renders them.
@@ -29,8 +29,8 @@ from radmark.keys.records import MarkRecord
 from radmark.keys.sealing import PassphraseFn, load_keyfile
 from radmark.keys.store import Keystore
 from radmark.verify.black_box import BLACK_BOX
+from radmark.verify.choice import NO_KIT, choose_tests
 from radmark.verify.evidence import Evidence, EvidenceSettings, prepare
-from radmark.verify.planning import NO_KIT, choose_tests
 from radmark.verify.statistics import LN10, holm_adjust
 from radmark.verify.tests import TestResult, combination_rule, combine, get_test, score
 from radmark.verify.white_box import WHITE_BOX
@@ -216,7 +216,7 @@ def verify_models(
     Options left at None follow the verification plan the record signed at marking (the tests,
     α, centring, probe and pull-back limits, head); anything that differs from the plan is
     reported as a deviation and the result as exploratory (``keys/plan.py``); which tests run is
-    ``verify/planning.py``. A planned kit test runs on the record's first verification kit, or is
+    ``verify/choice.py``. A planned kit test runs on the record's first verification kit, or is
     reported as not run when the keystore has none. ``black_box`` True asks for the kit test (a
     missing kit is then an error), False turns it off; with ``black_box`` and no ``probe`` it
     runs alone. Records without a plan run what the options offer (``pullback`` on and
@@ -230,7 +230,9 @@ def verify_models(
     t0 = time.perf_counter()
     store = Keystore.open(keystore)
     refs = [key_ref] if isinstance(key_ref, str) else list(key_ref) if key_ref else [None]
-    selected: list[tuple[MarkRecord, SecretKey]] = []  # every key named (or every record): one Holm family over all of them
+    selected: list[
+        tuple[MarkRecord, SecretKey]
+    ] = []  # every key named (or every record): one Holm family over all of them
     for ref in refs:
         for rec, key in select_records(store, ref, passphrase, want_kit=black_box is True):
             if all(rec.address != r.address for r, _k in selected):

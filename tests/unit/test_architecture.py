@@ -94,3 +94,13 @@ if __name__ == "__main__":
     )
     DOC.write_text(new)
     sys.stdout.write(f"rewrote the package map in {DOC}\n")
+
+
+def test_no_two_names_differ_by_a_suffix() -> None:
+    """Modules and packages are named for what they hold, and no name is another plus a suffix
+    (issue #13 found mark / marking / marker and keys / keystore / keyops): a reader who sees one
+    name never has to guess which of two near-synonyms holds the code."""
+    names = {p.stem for p in _modules() if p.stem not in ("__init__", "__main__")}
+    names |= {p.name for p in PKG.rglob("*") if p.is_dir() and (p / "__init__.py").exists()}
+    clashes = sorted((a, b) for a in names for b in names if a != b and b.startswith(a))
+    assert not clashes, clashes

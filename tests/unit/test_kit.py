@@ -30,7 +30,7 @@ from radmark.marking.kit import (
 )
 from radmark.marking.radioactive import get_preset, mark_batch
 from radmark.models import load_model, save_model
-from radmark.models.loaded import LoadedModel
+from radmark.models.network import LoadedModel
 from radmark.verify.black_box import BLACK_BOX, rank_result, residualise, true_slot_ranks
 from radmark.verify.evidence import Evidence, prepare
 from radmark.verify.ranks import rank_log_sf

@@ -25,7 +25,7 @@ from radmark.marking.twins import (
     twin_kits,
 )
 from radmark.models import load_model
-from radmark.models.loaded import LoadedModel
+from radmark.models.network import LoadedModel
 from radmark.verify.evidence import prepare
 from radmark.verify.ranks import rank_log_sf
 from radmark.verify.tests import score

@@ -1,4 +1,4 @@
-"""Which tests ``verify`` runs (radmark/verify/planning.py, issue #17): the plan's, unless an option
+"""Which tests ``verify`` runs (radmark/verify/choice.py, issue #17): the plan's, unless an option
 is set; options alone for records made before plans; and the plan ``mark`` signs."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from radmark.errors import UsageError
 from radmark.keys.plan import Plan, probe_digest
-from radmark.verify.planning import NO_KIT, choose_tests, marking_plan
+from radmark.verify.choice import NO_KIT, choose_tests, marking_plan
 from tests.factories import make_marker, make_record, make_shards
 
 WB, Z, PB, BB = "white_box_fisher", "white_box_zscore", "pullback_fisher", "black_box_rank"

@@ -173,7 +173,7 @@ def mark(
     from radmark.marking.run import mark_shards
     from radmark.report import console
     from radmark.report.jsonout import mark_json
-    from radmark.verify.planning import marking_plan
+    from radmark.verify.choice import marking_plan
 
     if on_error not in ON_ERROR:
         raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")

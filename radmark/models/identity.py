@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from radmark.keys.records import MarkerRef
-    from radmark.models.loaded import LoadedModel
+    from radmark.models.network import LoadedModel
 
 
 def marker_identity(name: str, sha256: str) -> str:

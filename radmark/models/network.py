@@ -17,7 +17,7 @@ from torch import nn
 
 from radmark.errors import ModelError, UsageError
 from radmark.models.heads import Head
-from radmark.models.markers import marker_identity
+from radmark.models.identity import marker_identity
 
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)

@@ -4,6 +4,6 @@ Importing this package is cheap and side-effect free: no torch, no CUDA, no netw
 Heavy modules (marking, models, verification) import torch lazily when used.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 SCHEMA_VERSION = 1

@@ -211,6 +211,17 @@ def test_the_workflow_triggers_on_releases_and_needs_only_read_access() -> None:
     assert "--index-url https://download.pytorch.org/whl/cpu" in text
 
 
+def test_the_pinned_radmark_ref_is_this_release() -> None:
+    """The workflow installs the tag of the version it documents (issue #16's audit found
+    ``v0.1.0`` pinned, a version older than the workflow itself): the tag is ``v`` + the
+    package version, and the CHANGELOG has that release's section."""
+    from radmark import __version__
+
+    assert _workflow()["env"]["RADMARK_REF"] == f"v{__version__}"
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert f"## {__version__} (" in changelog and f"tagged v{__version__}" in changelog
+
+
 @pytest.mark.slow
 def test_the_job_runs_end_to_end(github: tuple[World, dict[str, str], str], tmp_path: Path) -> None:
     world, env, sha = github

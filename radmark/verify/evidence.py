@@ -55,6 +55,8 @@ class Evidence:
     probe: Probe | None
     settings: EvidenceSettings = field(default_factory=EvidenceSettings)
     notes: list[str] = field(default_factory=list)
+    #: told what is being computed (a probe batch's features, ...): the progress bar's text
+    on_step: Callable[[str], None] | None = field(default=None, repr=False)
     _cache: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     def cached(self, key: tuple[Any, ...], make: Callable[[], T]) -> T:
@@ -104,9 +106,12 @@ class Evidence:
         out = []
         b = self.settings.batch_size
         with torch.no_grad():
-            for i in range(0, probe.images.shape[0], b):
+            n = probe.images.shape[0]
+            for i in range(0, n, b):
                 x = torch.from_numpy(probe.images[i : i + b]).to(self.settings.device)
                 out.append(model.features(x.float().div_(255.0)).double().cpu().numpy())
+                if self.on_step is not None:
+                    self.on_step(f"{model.arch} features, {min(i + b, n)}/{n} probe images")
         feats = np.concatenate(out)
         if not np.all(np.isfinite(feats)):
             raise ModelError(f"{model.source} produced non-finite features on the probe set")

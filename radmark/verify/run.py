@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +284,8 @@ def verify_models(
     for spec in model_specs:
         evidence = prepare(spec, store=store, probe=probe, probe_limit=probe_limit, arch=arch,
                            head=head, settings=settings)  # fmt: skip
+        if progress is not None:  # the bar moves within a pair too: features batch by batch
+            evidence.on_step = partial(_step, progress, pairs, len(model_specs) * len(selected))
         s = evidence.suspect
         models.append(ModelInfo(s.source, s.sha256, s.arch))
         _check_suspect(evidence, selected, store)
@@ -342,6 +345,11 @@ def verify_models(
         if len(results) > 1 else None,
         warnings=warnings, seconds=time.perf_counter() - t0, models=models,
     )  # fmt: skip
+
+
+def _step(progress: Callable[[int, int, str], None], pairs: list[Any], total: int, what: str
+          ) -> None:  # fmt: skip
+    progress(len(pairs), total, what)
 
 
 def _check_suspect(evidence: Evidence, selected: list[tuple[MarkRecord, SecretKey]],

@@ -491,7 +491,7 @@ def test_black_box_finds_an_earlier_kit_after_a_later_mark_without_one(
 
 def test_progress_is_reported_once_per_model_and_key(world: dict[str, Any]) -> None:
     """The bar behind `verify` (shown on a terminal only) is fed by verify_models: one event per
-    model x key pair, counting up to the total, and never a secret in its text."""
+    model x key pair, counting up to the total, and feature batches in between."""
     from radmark.verify.run import verify_models
 
     events: list[tuple[int, int, str]] = []
@@ -504,8 +504,14 @@ def test_progress_is_reported_once_per_model_and_key(world: dict[str, Any]) -> N
         progress=lambda done, total, what: events.append((done, total, what)),
     )
     assert len(res.results) == 4
-    assert [(d, t) for d, t, _ in events] == [(i, 4) for i in range(4)]
-    assert all(str(world["clean"]) in what for _, _, what in events)
+    pairs = [(d, t, w) for d, t, w in events if " vs " in w]
+    assert [(d, t) for d, t, _ in pairs] == [(i, 4) for i in range(4)]
+    assert all(str(world["clean"]) in what for _, _, what in pairs)
+    # within a pair the text moves batch by batch (issue #16: a single pair showed 0/1 until done)
+    steps = [w for _, _, w in events if "probe images" in w]
+    assert "smallcnn features, 256/300 probe images" in steps
+    assert "smallcnn features, 300/300 probe images" in steps
+    assert [d for d, _, _ in events] == sorted(d for d, _, _ in events)
 
 
 def test_plot_never_writes_over_an_input_even_with_force(world: dict[str, Any], tmp_path: Path

@@ -105,7 +105,7 @@ def keys_export_public(
     """Print what can be published: the signed public record (never the secret).
 
     Without --out the record's canonical bytes go to stdout. Under --json stdout carries one
-    document instead: ``{"schema_version", "address", "record", "path"}``.
+    document instead: {"schema_version", "address", "record", "path"}.
     """
     from radmark.keys.manage import export_public
     from radmark.report import console

@@ -359,3 +359,12 @@ def test_the_default_marker_offline_names_the_fetch_command_and_marker_train(
     assert f"{checkpoints} as resnet18-f37072fd.pth" in line, line
     assert "radmark marker train SHARDS --out marker.safetensors" in line, line
     assert not list(out.glob("*.tar")) if out.exists() else True
+
+
+@pytest.mark.parametrize("path", [path for path, _cmd in LEAVES], ids=" ".join)
+def test_help_shows_no_rst_markup(path: tuple[str, ...]) -> None:
+    """Command docstrings are help texts: no reStructuredText double backticks shown literally
+    (the audit found them in ``keys export-public -h``)."""
+    res = run(*path, "--help")
+    assert res.exit_code == 0, res.output
+    assert "``" not in res.stdout, res.stdout

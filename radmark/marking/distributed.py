@@ -99,9 +99,15 @@ class ProcessGroup:
         dist.broadcast_object_list(box, src=0, device=self._comm_device())
         return box[0]
 
-    def close(self) -> None:
+    def close(self, *, synchronise: bool = False) -> None:
+        """Tear the group down. After a run every rank finished (``synchronise``), the ranks
+        first meet at a barrier: a gloo peer torn down while another still talked to it aborted
+        that process (SIGABRT, once in 9 test runs). After a failure there is no barrier: the
+        other ranks may never arrive, and torchrun stops them."""
         if self.created:
             import torch.distributed as dist
 
             with contextlib.suppress(Exception):
+                if synchronise and self.world > 1:
+                    dist.barrier()
                 dist.destroy_process_group()

@@ -123,8 +123,9 @@ def mark_shards(
     """
     check_options(options)
     group = ProcessGroup(options.device)
+    done = False
     try:
-        return _mark_shards(
+        result = _mark_shards(
             specs,
             key=key,
             key_record=key_record,
@@ -136,8 +137,10 @@ def mark_shards(
             progress=progress,
             group=group,
         )
+        done = True
+        return result
     finally:
-        group.close()
+        group.close(synchronise=done)
 
 
 def _mark_shards(

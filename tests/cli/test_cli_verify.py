@@ -437,6 +437,7 @@ def test_non_positive_numbers(world: dict[str, Any], extra: list[str]) -> None:
     one_error_line(verify(world, world["clean"], "--key", world["k1"], *extra, "--json"), extra[0])
 
 
+@pytest.mark.slow  # three marks and four verifications (about 9 s)
 def test_black_box_finds_an_earlier_kit_after_a_later_mark_without_one(
     world: dict[str, Any], tmp_path: Path
 ) -> None:

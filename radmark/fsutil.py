@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from radmark.errors import InputError
@@ -58,7 +58,7 @@ def check_new_target(
     *,
     force: bool,
     what: str = "",
-    inputs: Iterable[str | os.PathLike[str]] = (),
+    inputs: Iterable[str | os.PathLike[str]] | Callable[[], Iterable[str | os.PathLike[str]]] = (),
     may_replace_secret: bool = False,
 ) -> None:
     """Refuse, before any work, a target that exists (unless ``force``) or cannot be a file.
@@ -66,8 +66,10 @@ def check_new_target(
     A directory or a non-regular file is refused even with ``force``; so is a missing parent
     directory (named, so the user knows which ``mkdir`` to run). Even with ``force`` a command
     never writes over one of its own ``inputs`` (the same file by inode, whatever the path's
-    spelling; the caller lists the files a ``pipe:`` command names) nor over a radmark secret
-    key, which nothing but a new key (``may_replace_secret``: ``keygen --out --force``) replaces.
+    spelling; the caller lists the files a ``pipe:`` command names; a callable is called only
+    when ``force`` meets an existing target, so nothing is read before a plain refusal) nor over
+    a radmark secret key, which nothing but a new key (``may_replace_secret``: ``keygen --out
+    --force``) replaces.
     """
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
@@ -78,7 +80,7 @@ def check_new_target(
             raise TargetExistsError(path, what)
         if not os.path.isfile(path) or os.path.islink(path):
             raise InputError(f"{label} exists and is not a regular file; refusing to replace it")
-        for item in inputs:
+        for item in inputs() if callable(inputs) else inputs:
             with contextlib.suppress(OSError):
                 if os.path.isfile(item) and os.path.samefile(path, item):
                     raise InputError(

@@ -214,11 +214,9 @@ def train_marker(
     get_arch(arch)  # a UsageError naming the known architectures
     from radmark.data.sources import expand_shards, input_files
 
-    check_new_target(Path(out), force=force, what="--out")  # before any input is read
-    if force and Path(out).exists():  # and never over one of the training shards
-        check_new_target(
-            Path(out), force=True, what="--out", inputs=input_files(expand_shards(specs))
-        )
+    # never over one of the training shards; they are listed only if --force meets a file
+    check_new_target(Path(out), force=force, what="--out",
+                     inputs=lambda: input_files(expand_shards(specs)))  # fmt: skip
     t0 = time.perf_counter()
     data = load_labelled_images(
         specs, label_field=label_field, num_classes=num_classes, limit=limit

@@ -37,12 +37,10 @@ def check_target(
     with ``force``) or a run without cosines, before anything is computed."""
     if not white_box:
         raise UsageError("--plot shows the white-box cosines: it needs --probe SHARDS")
-    check_new_target(path, force=force, what="--plot")
-    if force and Path(path).exists():
-        from radmark.data.sources import expand_shards, input_files
+    from radmark.data.sources import expand_shards, input_files
 
-        inputs = [f for f in files if os.path.isfile(f)] + input_files(expand_shards(shards))
-        check_new_target(path, force=True, what="--plot", inputs=inputs)
+    check_new_target(path, force=force, what="--plot",
+                     inputs=lambda: [*files, *input_files(expand_shards(shards))])  # fmt: skip
     try:
         import matplotlib  # noqa: F401
     except ImportError:

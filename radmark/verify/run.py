@@ -130,37 +130,47 @@ class VerifyResult:
 
 
 def select_records(
-    store: Keystore, key_ref: str | None, passphrase: PassphraseFn, *, want_kit: bool = False
+    store: Keystore,
+    key_ref: str | Sequence[str] | None,
+    passphrase: PassphraseFn,
+    *,
+    want_kit: bool = False,
 ) -> list[tuple[MarkRecord, SecretKey]]:
-    """The records to test with their secrets: one per set of carriers.
+    """The records to test with their secrets: one per set of carriers, over every key named
+    (``key_ref``: one reference or several; None: every record in the keystore).
 
     Records with the same key, marker and (d, C) share their carriers, so they are one test, not
-    several (testing twice would only cost power through the multiple-testing correction). Of
-    such a group the newest record is tested, or with ``want_kit`` the newest that has a
-    verification kit (a later ``mark`` without ``--kit-probe`` must not hide an earlier kit).
+    several (testing twice would only cost power through the multiple-testing correction), even
+    when two references name the same key. Of such a group the newest record is tested, or with
+    ``want_kit`` the newest that has a verification kit (a later ``mark`` without
+    ``--kit-probe`` must not hide an earlier kit).
     """
     from radmark.marking.kit import kit_records
 
+    refs = [key_ref] if key_ref is None or isinstance(key_ref, str) else list(key_ref)
     secrets: dict[str, SecretKey] = {}
-    if key_ref is not None and is_key_file(key_ref):
-        key, pub = load_keyfile(Path(key_ref), passphrase)
-        secrets[pub.fingerprint] = key
-        records = store.mark_records(pub.fingerprint)
-    elif key_ref is not None:
-        try:
-            records = [store.mark_record(key_ref)]
-        except KeystoreError:
-            records = store.mark_records(store.key_record(key_ref).fingerprint)
-    else:
-        records = store.mark_records()
-    if not records:
-        raise KeystoreError(
-            f"no mark records in keystore {store.root}"
-            + (f" for {key_ref}" if key_ref else "")
-            + ": mark data with `radmark mark` first, or pass --keystore"
-        )
+    found: dict[str, MarkRecord] = {}
+    for ref in refs:
+        if ref is not None and is_key_file(ref):
+            key, pub = load_keyfile(Path(ref), passphrase)
+            secrets[pub.fingerprint] = key
+            records = store.mark_records(pub.fingerprint)
+        elif ref is not None:
+            try:
+                records = [store.mark_record(ref)]
+            except KeystoreError:
+                records = store.mark_records(store.key_record(ref).fingerprint)
+        else:
+            records = store.mark_records()
+        if not records:
+            raise KeystoreError(
+                f"no mark records in keystore {store.root}"
+                + (f" for {ref}" if ref else "")
+                + ": mark data with `radmark mark` first, or pass --keystore"
+            )
+        found.update((rec.address, rec) for rec in records)
     groups: dict[tuple[str, str, int, int], list[MarkRecord]] = {}
-    for rec in records:  # oldest first
+    for rec in sorted(found.values(), key=lambda r: (r.created, r.address)):  # oldest first
         groups.setdefault(rec.carrier_group, []).append(rec)
     chosen = []
     for recs in groups.values():
@@ -230,14 +240,8 @@ def verify_models(
     check_count("--batch-size", batch_size)
     t0 = time.perf_counter()
     store = Keystore.open(keystore)
-    refs = [key_ref] if isinstance(key_ref, str) else list(key_ref) if key_ref else [None]
-    selected: list[
-        tuple[MarkRecord, SecretKey]
-    ] = []  # every key named (or every record): one Holm family over all of them
-    for ref in refs:
-        for rec, key in select_records(store, ref, passphrase, want_kit=black_box is True):
-            if all(rec.address != r.address for r, _k in selected):
-                selected.append((rec, key))
+    # every key named (or every record): one Holm family over all of them
+    selected = select_records(store, key_ref or None, passphrase, want_kit=black_box is True)
     first = _plan_of(selected[0][0]) or Plan(tests=("none",))
     alpha = first.alpha if alpha is None else alpha
     check_positive("--alpha", alpha, below=1.0)
